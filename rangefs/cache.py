@@ -1,0 +1,659 @@
+"""The local block cache of one remote object: ``LocalDownloadCache``.
+
+Files, inside the object's directory (0700, created if missing; files 0600):
+
+- ``data``: the object's bytes at their own offsets, preallocated to the object's size
+  (``cachefiles.reserve_space``: fallocate, or a sparse file where that is unsupported).
+- ``index`` (+ ``index.prev``, transient ``index.tmp``): which blocks are durable, plus the
+  object's identity (URL, size, block size, ETag, Last-Modified) and a CRC32; the format is
+  in ``cachefiles``.
+- ``lock``: ``flock``-ed exclusively while the cache is open (another open of the same
+  directory, in this process or another, gets ``CacheLocked``).
+
+Contract. One owner: one process, one trio thread. ``write_at``/``write_block`` pwrite a
+whole block and then set its bit (which fires ``bitmap.block_event`` and the tail notify):
+from then on ``read_at`` serves it. Nothing is fsynced per block. ``flush()`` (called by the
+owner when ``needs_flush()``, and at the end) takes a snapshot of the bitmap, fdatasyncs the
+data file, then atomically writes the index with that snapshot — so the index only ever
+claims blocks whose bytes were durable before the claim was written (DESIGN §2.2), and a
+block set after the snapshot is claimed by the next flush. ``close()`` does a last flush
+synchronously. A block that is already cached is never rewritten.
+
+``open()`` resumes from ``index`` if it is valid and its identity equals the caller's; if it
+is missing or corrupt (torn, bad CRC/magic/length) it falls back to ``index.prev`` (an
+older, equally valid claim) and repairs ``index``; a corrupt or foreign (another URL, size,
+block size or validator) index, or a data file of the wrong length, is logged as a WARNING
+and the object starts over (index removed first, then the data file re-reserved).
+
+What a crash (kill -9, power loss) leaves: a data file whose blocks set since the last flush
+may or may not be on disk, and an index (or ``index.prev``) claiming only blocks that were
+durable at its last flush. On re-open those unclaimed blocks are simply fetched again;
+nothing claimed is fetched twice, and no block is claimed that is not durable.
+
+Errors: misuse -> ``InvalidOffset`` / ``InvalidBlockSize``; reading a block that is not
+cached -> ``UncachedRange``; use after ``close()`` -> ``CacheClosed``; OS errors ->
+``InternalError`` (ENOSPC -> ``NotEnoughSpace``), raised ``from`` the OSError. A failed
+fdatasync makes the cache unusable (every later read, write or flush raises
+``InternalError``), since the kernel may have dropped the unsynced pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Protocol, Self
+
+import trio
+
+from rangefs import errors
+from rangefs.cachefiles import (
+    DEFAULT_HEADROOM,
+    IndexRecord,
+    ObjectIdentity,
+    check_space,
+    create_new_files_for_cache,
+    ensure_private_dir,
+    open_data_file,
+    read_index_record,
+    reserve_space,
+    write_index,
+)
+from rangefs.ranges import ByteRange, ByteRanges, block_span
+
+__all__ = ["DATA_NAME", "INDEX_NAME", "LOCK_NAME", "DownloadCache", "LocalDownloadCache"]
+
+log = logging.getLogger(__name__)
+
+DATA_NAME = "data"
+INDEX_NAME = "index"
+LOCK_NAME = "lock"
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _now() -> float:
+    """trio's clock inside ``trio.run`` (so autojump clocks work), else time.monotonic."""
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return time.monotonic()
+
+
+def _os_error(what: str, exc: OSError) -> errors.RangefsError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errors.NotEnoughSpace(f"{what}: no space left: {exc}")
+    return errors.InternalError(f"{what}: {exc}")
+
+
+class DownloadCache(Protocol):
+    """What fetchers and readers need from a block cache (``LocalDownloadCache`` is one)."""
+
+    @property
+    def identity(self) -> ObjectIdentity: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def bitmap(self) -> ByteRanges: ...
+    def cached_bytes_and_blocks(self) -> tuple[int, int]: ...
+    def complete(self) -> bool: ...
+    def is_cached(self, block: int) -> bool: ...
+    def next_outstanding(self, start: int) -> tuple[int, ByteRange] | None: ...
+    def next_cached(self, start: int) -> tuple[int, ByteRange] | None: ...
+    def write_at(self, data: Buffer, offset: int) -> None: ...
+    def write_block(self, index: int, data: Buffer) -> None: ...
+    def read_at(self, offset: int, size: int) -> bytes: ...
+    def needs_flush(self) -> bool: ...
+    async def flush(self) -> None: ...
+
+
+class LocalDownloadCache:
+    """The block cache of one object in one directory. Create with ``open()``.
+
+    Called from one trio thread only; ``flush`` runs its blocking part in a worker thread,
+    and a ``threading.Lock`` serialises that part with ``close``/``invalidate``.
+    """
+
+    def __init__(
+        self,
+        *,
+        directory: Path,
+        identity: ObjectIdentity,
+        fd: int,
+        lock_fd: int,
+        bitmap: ByteRanges,
+        generation: int,
+        flush_blocks: int,
+        flush_interval: float,
+        headroom: int,
+    ) -> None:
+        """Internal: use ``LocalDownloadCache.open``."""
+        self._directory = directory
+        self._data_path = directory / DATA_NAME
+        self._index_path = directory / INDEX_NAME
+        self._identity = identity
+        self._fd = fd
+        self._lock_fd = lock_fd
+        self._bitmap = bitmap
+        self._generation = generation
+        self._flush_blocks = flush_blocks
+        self._flush_interval = flush_interval
+        self._headroom = headroom
+        self._closed = False
+        self._failed: errors.InternalError | None = None
+        # blocks newly set since the last snapshot, and when the oldest of them was set
+        self._dirty = 0
+        self._dirty_since: float | None = None
+        # count_set() of the bitmap that the index on disk holds (bits only grow between
+        # persists, so a different count means unpersisted blocks)
+        self._persisted_count = bitmap.count_set()
+        self._epoch = 0  # bumped by invalidate(); a flush of an older epoch is dropped
+        self._flush_lock = trio.Lock()
+        self._persist_lock = threading.Lock()
+
+    # -- opening ------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        identity: ObjectIdentity,
+        *,
+        flush_blocks: int = 512,
+        flush_interval: float = 1.0,
+        headroom: int = DEFAULT_HEADROOM,
+    ) -> Self:
+        """Open (resume) or create the cache of ``identity`` in ``directory``. Blocking.
+
+        See the module docstring for the resume / fall back / start over rules. Raises
+        ``CacheLocked`` if the directory is already open, ``NotEnoughSpace`` (before
+        anything is written) if a new object does not fit, ``InternalError`` for OS errors.
+        ``flush_blocks`` / ``flush_interval`` (seconds) drive ``needs_flush``.
+        """
+        directory = Path(directory)
+        ensure_private_dir(directory)
+        lock_fd = _lock_directory(directory)
+        try:
+            return cls._open_locked(
+                directory, identity, lock_fd, flush_blocks, flush_interval, headroom
+            )
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def _open_locked(
+        cls,
+        directory: Path,
+        identity: ObjectIdentity,
+        lock_fd: int,
+        flush_blocks: int,
+        flush_interval: float,
+        headroom: int,
+    ) -> Self:
+        data_path = directory / DATA_NAME
+        index_path = directory / INDEX_NAME
+        record = _load_index(index_path, identity)
+        fd = _open_matching_data(data_path, identity) if record is not None else None
+        if fd is None or record is None:
+            log.info("%s: starting a new cache of %d bytes", directory, identity.size)
+            create_new_files_for_cache(data_path, index_path, identity, headroom=headroom)
+            fd = open_data_file(data_path)
+            record = IndexRecord(identity, bytes(identity.bitmap_bytes), 0)
+        try:
+            bitmap = ByteRanges.from_bytes(identity.size, identity.block_size, record.bitmap)
+            cache = cls(
+                directory=directory,
+                identity=identity,
+                fd=fd,
+                lock_fd=lock_fd,
+                bitmap=bitmap,
+                generation=record.generation,
+                flush_blocks=flush_blocks,
+                flush_interval=flush_interval,
+                headroom=headroom,
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        log.debug(
+            "%s: opened, %d of %d blocks cached", directory, bitmap.count_set(), bitmap.num_blocks
+        )
+        return cache
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def identity(self) -> ObjectIdentity:
+        """The object version this cache holds."""
+        return self._identity
+
+    @property
+    def size(self) -> int:
+        """Object size in bytes."""
+        return self._identity.size
+
+    @property
+    def block_size(self) -> int:
+        """Block size in bytes."""
+        return self._identity.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of blocks."""
+        return self._bitmap.num_blocks
+
+    @property
+    def bitmap(self) -> ByteRanges:
+        """The live bitmap, for queries and waiting (tail, block_event). Do not mutate it.
+        ``invalidate`` with another size or block size replaces it with a new object."""
+        return self._bitmap
+
+    @property
+    def directory(self) -> Path:
+        """The object's cache directory."""
+        return self._directory
+
+    @property
+    def data_path(self) -> Path:
+        """The data file."""
+        return self._data_path
+
+    @property
+    def index_path(self) -> Path:
+        """The index file."""
+        return self._index_path
+
+    @property
+    def closed(self) -> bool:
+        """True after ``close()``."""
+        return self._closed
+
+    # -- queries (work after close too) -------------------------------------------------
+
+    def cached_bytes_and_blocks(self) -> tuple[int, int]:
+        """Bytes (real block sizes) and blocks cached."""
+        return self._bitmap.cached_bytes(), self._bitmap.count_set()
+
+    def complete(self) -> bool:
+        """True if every block is cached (always for a 0-byte object)."""
+        return self._bitmap.complete()
+
+    def is_cached(self, block: int) -> bool:
+        """True if block ``block`` is cached (False out of range)."""
+        return self._bitmap.is_block_set(block)
+
+    def next_outstanding(self, start: int) -> tuple[int, ByteRange] | None:
+        """``bitmap.next_clear(start)``: (index+1, range) of the next missing block."""
+        return self._bitmap.next_clear(start)
+
+    def next_cached(self, start: int) -> tuple[int, ByteRange] | None:
+        """``bitmap.next_set(start)``: (index+1, range) of the next cached block."""
+        return self._bitmap.next_set(start)
+
+    # -- data -----------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise errors.CacheClosed(f"cache {self._directory} is closed")
+        if self._failed is not None:
+            raise errors.InternalError(
+                f"cache {self._directory} is unusable after an earlier error: {self._failed}"
+            ) from self._failed
+
+    def write_block(self, index: int, data: Buffer) -> None:
+        """``write_at(data, index * block_size)``; an index out of range is InvalidOffset."""
+        if not 0 <= index < self.num_blocks:
+            self._check_usable()
+            raise errors.InvalidOffset(
+                f"block {index} out of range [0, {self.num_blocks}) for {self._directory}"
+            )
+        self.write_at(data, index * self.block_size)
+
+    def write_at(self, data: Buffer, offset: int) -> None:
+        """Store one whole block at ``offset`` and mark it cached. Sync, no fsync.
+
+        Validation, in the seed's order: ``offset`` < 0, past the last block's offset, or not
+        block-aligned -> ``InvalidOffset``; ``len(data)`` > block size -> ``InvalidBlockSize``;
+        the last block must be exactly its (short) size, any other exactly the block size,
+        else ``InvalidBlockSize``. A block already cached is left untouched. The bytes are
+        written (whole buffer, retrying short writes) before the bit is set, so waiters woken
+        by ``block_event`` can read them at once. ``data`` may be reused after the call.
+        """
+        self._check_usable()
+        bs = self.block_size
+        n = self.num_blocks
+        last_offset = (n - 1) * bs
+        if offset < 0 or n == 0 or offset > last_offset or offset % bs:
+            raise errors.InvalidOffset(
+                f"offset {offset} is not the start of a block of {self._directory} "
+                f"(size {self.size}, block size {bs})"
+            )
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        length = len(view)
+        if length > bs:
+            raise errors.InvalidBlockSize(f"{length} bytes exceed the block size {bs}")
+        want = self.size - last_offset if offset == last_offset else bs
+        if length != want:
+            raise errors.InvalidBlockSize(
+                f"{length} bytes at offset {offset}: the block there is {want} bytes"
+            )
+        index = offset // bs
+        if self._bitmap.is_block_set(index):
+            return
+        pos = offset
+        try:
+            while view:
+                written = os.pwrite(self._fd, view, pos)
+                if written <= 0:
+                    raise errors.InternalError(
+                        f"short write of block {index} of {self._directory}"
+                    )
+                view = view[written:]
+                pos += written
+        except OSError as exc:
+            raise _os_error(f"writing block {index} of {self._directory}", exc) from exc
+        self._bitmap.set_block(index)
+        if self._dirty == 0:
+            self._dirty_since = _now()
+        self._dirty += 1
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Return exactly ``size`` bytes at ``offset``, all from cached blocks. Sync.
+
+        ``offset`` < 0 or >= object size -> ``InvalidOffset``; ``size`` < 0 or
+        ``offset + size`` > object size -> ``InvalidBlockSize`` (no short reads: clamp at EOF
+        before calling). Every block from the first to the last byte touched must be cached,
+        else ``UncachedRange`` naming the first missing offset. ``size`` 0 gives b"".
+        """
+        self._check_usable()
+        if offset < 0 or offset >= self.size:
+            raise errors.InvalidOffset(
+                f"offset {offset} is outside {self._directory} (size {self.size})"
+            )
+        if size < 0 or offset + size > self.size:
+            raise errors.InvalidBlockSize(
+                f"{size} bytes at offset {offset} run past the end ({self.size})"
+            )
+        if size == 0:
+            return b""
+        first, last = block_span(offset, size, self.block_size)
+        missing = self._bitmap.first_clear(first, last + 1)
+        if missing is not None:
+            pos = max(offset, missing * self.block_size)
+            raise errors.UncachedRange(f"offset {pos} is not cached ({self._directory})")
+        chunks: list[bytes] = []
+        pos, remaining = offset, size
+        try:
+            while remaining:
+                chunk = os.pread(self._fd, remaining, pos)
+                if not chunk:
+                    raise errors.InternalError(
+                        f"short read at offset {pos} of {self._directory}: unexpected EOF"
+                    )
+                chunks.append(chunk)
+                pos += len(chunk)
+                remaining -= len(chunk)
+        except OSError as exc:
+            raise errors.InternalError(
+                f"reading {size} bytes at {offset} of {self._directory}: {exc}"
+            ) from exc
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    # -- persistence --------------------------------------------------------------------
+
+    def needs_flush(self) -> bool:
+        """True if ``flush_blocks`` blocks were set since the last flush began, or the oldest
+        of them is ``flush_interval`` seconds old. False when closed or failed."""
+        if self._closed or self._failed is not None or self._dirty == 0:
+            return False
+        if self._dirty >= self._flush_blocks:
+            return True
+        since = self._dirty_since
+        return since is not None and _now() - since >= self._flush_interval
+
+    async def flush(self) -> None:
+        """Make every block set before this call durable and claimed by the index.
+
+        Snapshot the bitmap (no await before it), then in a worker thread: fdatasync the data
+        file and atomically write the index with the snapshot. Bits set meanwhile are left for
+        the next flush. Flushes are serialised; a no-op when nothing changed. Cancellation:
+        the worker thread always runs to its end; a flush cancelled before it started leaves
+        the blocks dirty. ``CacheClosed`` if closed on entry (a ``close()`` while waiting for
+        another flush persists everything and makes this return quietly); ``InternalError``
+        / ``NotEnoughSpace`` on I/O errors.
+        """
+        self._check_usable()
+        async with self._flush_lock:
+            if self._closed:
+                return
+            self._check_usable()
+            count = self._bitmap.count_set()
+            if count == self._persisted_count:
+                self._dirty, self._dirty_since = 0, None
+                return
+            snapshot = self._bitmap.to_bytes()
+            epoch = self._epoch
+            dirty, since = self._dirty, self._dirty_since
+            self._dirty, self._dirty_since = 0, None
+            try:
+                await trio.to_thread.run_sync(self._persist, snapshot, count, epoch)
+            except BaseException:
+                self._dirty += dirty
+                if since is not None:
+                    self._dirty_since = (
+                        since if self._dirty_since is None else min(since, self._dirty_since)
+                    )
+                raise
+
+    def _persist(self, snapshot: bytes, count: int, epoch: int) -> None:
+        """fdatasync, then write the index with ``snapshot``. Any thread; takes the lock."""
+        with self._persist_lock:
+            if self._fd < 0 or epoch != self._epoch or count <= self._persisted_count:
+                return  # closed / invalidated / superseded: a newer state was persisted
+            self._persist_locked(snapshot, count)
+
+    def _persist_locked(self, snapshot: bytes, count: int) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            failure = errors.InternalError(f"fdatasync of {self._data_path} failed: {exc}")
+            self._failed = failure
+            log.error("%s: %s; the cache is unusable until re-opened", self._directory, failure)
+            raise failure from exc
+        write_index(
+            self._index_path, self._identity, snapshot, generation=self._generation + 1
+        )
+        self._generation += 1
+        self._persisted_count = count
+        log.debug(
+            "%s: index generation %d claims %d blocks", self._directory, self._generation, count
+        )
+
+    def invalidate(self, identity: ObjectIdentity) -> None:
+        """Switch to another version of the object: every block becomes missing. Blocking.
+
+        A new size is first checked against the free space: ``NotEnoughSpace`` then leaves
+        the cache as it was. Otherwise the new all-clear index (without ``index.prev``) is
+        written before the data file is touched; the data file is re-reserved if the size
+        changed (else kept: its stale bytes are never claimed). The bitmap is ``reset()`` if
+        size and block size are unchanged, else replaced. A later failure makes the cache
+        unusable (close and re-open it).
+        """
+        self._check_usable()
+        old = self._identity
+        if identity.size != old.size:
+            check_space(self._data_path, identity.size, headroom=self._headroom)
+        with self._persist_lock:
+            self._epoch += 1
+            if (identity.size, identity.block_size) == (old.size, old.block_size):
+                self._bitmap.reset()
+            else:
+                self._bitmap = ByteRanges(identity.size, identity.block_size)
+            self._identity = identity
+            self._dirty, self._dirty_since = 0, None
+            try:
+                write_index(
+                    self._index_path,
+                    identity,
+                    self._bitmap.to_bytes(),
+                    generation=self._generation + 1,
+                    keep_prev=False,
+                )
+                self._generation += 1
+                self._persisted_count = 0
+                if identity.size != old.size:
+                    os.close(self._fd)
+                    self._fd = -1
+                    reserve_space(self._data_path, identity.size, headroom=self._headroom)
+                    self._fd = open_data_file(self._data_path)
+            except (OSError, errors.RangefsError) as exc:
+                self._failed = errors.InternalError(f"invalidating {self._directory}: {exc}")
+                if isinstance(exc, OSError):
+                    raise _os_error(f"invalidating {self._directory}", exc) from exc
+                raise
+        log.info("%s: invalidated; now %s", self._directory, _describe(identity))
+
+    def close(self) -> None:
+        """Persist what is unpersisted (fdatasync + index, synchronously), close the files
+        and release the lock. Idempotent. Raises ``InternalError`` / ``NotEnoughSpace`` if
+        the final persist failed (the files are closed anyway)."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._persist_lock:
+            try:
+                count = self._bitmap.count_set()
+                if self._fd >= 0 and self._failed is None and count != self._persisted_count:
+                    self._persist_locked(self._bitmap.to_bytes(), count)
+            finally:
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
+                if self._lock_fd >= 0:
+                    os.close(self._lock_fd)
+                    self._lock_fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<LocalDownloadCache {self._directory} {self._bitmap.count_set()}/"
+            f"{self._bitmap.num_blocks} blocks{' closed' if self._closed else ''}>"
+        )
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _describe(identity: ObjectIdentity) -> str:
+    return (
+        f"size {identity.size}, block size {identity.block_size}, "
+        f"etag {identity.etag!r}, last-modified {identity.last_modified!r}"
+    )
+
+
+def _lock_directory(directory: Path) -> int:
+    path = directory / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise errors.InternalError(f"cannot open lock file {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise errors.CacheLocked(
+            f"{directory} is already open (in this or another process)"
+        ) from exc
+    except OSError as exc:
+        os.close(fd)
+        raise errors.InternalError(f"cannot lock {path}: {exc}") from exc
+    return fd
+
+
+def _load_index(index_path: Path, identity: ObjectIdentity) -> IndexRecord | None:
+    """The index to resume from, or None to start over. Logs why."""
+    prev_path = Path(f"{index_path}.prev")
+    try:
+        record = read_index_record(index_path)
+    except FileNotFoundError:
+        record = None
+        reason = "missing"
+    except errors.CacheCorrupt as exc:
+        log.warning("%s; trying %s", exc, prev_path.name)
+        record = None
+        reason = "corrupt"
+    if record is not None:
+        if record.identity == identity:
+            return record
+        log.warning(
+            "index %s belongs to another object or version (%s; wanted %s); starting over",
+            index_path, _describe(record.identity), _describe(identity),
+        )  # fmt: skip
+        return None
+    try:
+        prev = read_index_record(prev_path)
+    except FileNotFoundError:
+        if reason == "corrupt":
+            log.warning("no %s to fall back to; starting over", prev_path)
+        return None
+    except errors.CacheCorrupt as exc:
+        log.warning("%s; starting over", exc)
+        return None
+    if prev.identity != identity:
+        log.warning("%s belongs to another object or version; starting over", prev_path)
+        return None
+    log.warning(
+        "index %s is %s; resuming from %s (%d blocks)",
+        index_path, reason, prev_path.name, _count_bits(prev.bitmap),
+    )  # fmt: skip
+    # Repair: drop the bad index, then write a good one; index.prev stays valid throughout.
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(index_path)
+    except OSError as exc:
+        raise errors.InternalError(f"removing corrupt index {index_path}: {exc}") from exc
+    write_index(index_path, identity, prev.bitmap, generation=prev.generation + 1)
+    return IndexRecord(identity, prev.bitmap, prev.generation + 1)
+
+
+def _count_bits(bitmap: bytes) -> int:
+    return int.from_bytes(bitmap, "little").bit_count()
+
+
+def _open_matching_data(data_path: Path, identity: ObjectIdentity) -> int | None:
+    """The data file's fd if it exists with the object's exact size; else None (logged)."""
+    try:
+        fd = open_data_file(data_path)
+    except FileNotFoundError:
+        log.warning("data file %s is missing; starting over", data_path)
+        return None
+    try:
+        actual = os.fstat(fd).st_size
+    except OSError as exc:
+        os.close(fd)
+        raise errors.InternalError(f"cannot stat {data_path}: {exc}") from exc
+    if actual != identity.size:
+        os.close(fd)
+        log.warning(
+            "data file %s has %d bytes, expected %d; starting over",
+            data_path, actual, identity.size,
+        )  # fmt: skip
+        return None
+    return fd

@@ -1,0 +1,508 @@
+"""Downloaders: fill a cache completely (CachingDownloader) or stream bytes in order
+(StreamingDownloader), and the two jobs the CLI runs on them: ``download_file`` and
+``cat_url``.
+
+Both downloaders run on the trio thread and own every task they start: when ``run`` /
+``stream`` returns or raises, nothing of theirs is left running. Errors are the
+``rangefs.errors`` classes; trio exception groups never leave this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import trio
+
+from .cache import LocalDownloadCache
+from .cachefiles import ObjectIdentity
+from .digests import Digest, Hasher, hash_file
+from .errors import (
+    DigestMismatch,
+    InternalError,
+    RangefsError,
+    RemoteChanged,
+    RetriesExhausted,
+    TransientError,
+    UsageError,
+)
+from .fetcher import ObjectFetcher, retry_transient
+from .ranges import ByteRange, num_blocks, range_for_index
+from .ratecontrol import BackoffPolicy, Limiter
+from .redact import redact_url
+from .source import HttpOptions, HttpSession, Reader
+
+log = logging.getLogger(__name__)
+
+
+# -- caching downloader -------------------------------------------------------------------
+
+
+@dataclass
+class DownloadStats:
+    """Counters of one CachingDownloader.run; none ever decreases. Bytes are object bytes."""
+
+    download_size: int = 0  # the object's size
+    download_blocks: int = 0  # the object's blocks
+    cached_bytes: int = 0  # in the cache now (found at start plus downloaded)
+    cached_blocks: int = 0
+    found_cached_bytes: int = 0  # already cached when run() started
+    downloaded_bytes: int = 0  # body bytes received (whole blocks and partial ones)
+    downloaded_blocks: int = 0  # blocks written by this run
+    requests: int = 0
+    retries: int = 0
+    errors: int = 0
+    iterations: int = 0  # passes over the outstanding blocks
+    duration: float = 0.0  # seconds
+
+
+@dataclass(frozen=True)
+class DownloadStatus:
+    """How a run ended. ``resumable``: running again later may finish the job."""
+
+    complete: bool
+    resumable: bool
+    error: RangefsError | None
+    stats: DownloadStats
+
+
+def _resumable(error: RangefsError) -> bool:
+    return isinstance(error, RetriesExhausted | TransientError)
+
+
+class CachingDownloader:
+    """Fetch every outstanding block of ``cache`` from ``reader``.
+
+    ``concurrency`` parallel range requests of up to ``request_bytes`` each; transient
+    failures retried per ``backoff``; with ``wait_for_completion`` failed passes are
+    repeated (at most ``max_passes``, ``pass_delay`` seconds apart, doubling) until the
+    cache is complete. ``progress`` is called with a stats snapshot at most every
+    ``progress_interval`` seconds and once at the end. Local I/O and cache errors stop at
+    once (not resumable); so does a changed remote.
+    """
+
+    def __init__(
+        self,
+        cache: LocalDownloadCache,
+        reader: Reader,
+        *,
+        concurrency: int = 16,
+        limiter: Limiter | None = None,
+        backoff: BackoffPolicy | None = None,
+        request_bytes: int = 8 << 20,
+        wait_for_completion: bool = False,
+        max_passes: int = 5,
+        pass_delay: float = 1.0,
+        progress: Callable[[DownloadStats], None] | None = None,
+        progress_interval: float = 0.5,
+    ) -> None:
+        if reader.info.size != cache.size:
+            raise InternalError(
+                f"cache size {cache.size} does not match the object's size {reader.info.size}"
+            )
+        self.cache = cache
+        self.reader = reader
+        self.concurrency = max(1, concurrency)
+        self.limiter = limiter or Limiter()
+        self.backoff = backoff or BackoffPolicy()
+        self.request_bytes = request_bytes
+        self.wait_for_completion = wait_for_completion
+        self.max_passes = max(1, max_passes)
+        self.pass_delay = pass_delay
+        self.progress = progress
+        self.progress_interval = progress_interval
+        self.stats = DownloadStats()
+
+    def _snapshot(self, fetcher: ObjectFetcher, found: int, start: float) -> DownloadStats:
+        cached_bytes, cached_blocks = self.cache.cached_bytes_and_blocks()
+        fs = fetcher.stats
+        return replace(
+            self.stats,
+            cached_bytes=cached_bytes,
+            cached_blocks=cached_blocks,
+            downloaded_bytes=fs.bytes_received,
+            downloaded_blocks=fs.blocks_written,
+            requests=fs.requests,
+            retries=fs.retries,
+            errors=fs.errors,
+            duration=trio.current_time() - start,
+            found_cached_bytes=found,
+        )
+
+    async def run(self) -> DownloadStatus:
+        """Download until complete, or until an error ends the job; never raises
+        RangefsError (it is in the status). The cache index is flushed before returning."""
+        start = trio.current_time()
+        found = self.cache.cached_bytes_and_blocks()[0]
+        self.stats.download_size = self.cache.size
+        self.stats.download_blocks = self.cache.num_blocks
+        fetcher = ObjectFetcher(
+            self.cache,
+            self.reader,
+            limiter=self.limiter,
+            backoff=self.backoff,
+            demand_slots=trio.CapacityLimiter(self.concurrency),
+            fill_slots=trio.CapacityLimiter(self.concurrency),
+            fill_request_bytes=self.request_bytes,
+        )
+        error: RangefsError | None = None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.run)
+            if self.progress is not None:
+                nursery.start_soon(self._report, fetcher, found, start)
+            delay = self.pass_delay
+            while not self.cache.complete():
+                self.stats.iterations += 1
+                error = None
+                try:
+                    await fetcher.fill(self.concurrency)
+                except RangefsError as exc:
+                    error = exc
+                if self.cache.needs_flush():
+                    await self.cache.flush()
+                if error is None or not self.wait_for_completion or not _resumable(error):
+                    break
+                if self.stats.iterations >= self.max_passes:
+                    break
+                log.info("%s: pass %d failed (%s); next pass in %.1f s",
+                         self.reader.name, self.stats.iterations, error, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+            nursery.cancel_scope.cancel()
+        await self.cache.flush()
+        self.stats = self._snapshot(fetcher, found, start)
+        if self.progress is not None:
+            self.progress(self.stats)
+        complete = self.cache.complete()
+        if complete:
+            error = None
+        return DownloadStatus(
+            complete=complete,
+            resumable=error is not None and _resumable(error),
+            error=error,
+            stats=self.stats,
+        )
+
+    async def _report(self, fetcher: ObjectFetcher, found: int, start: float) -> None:
+        assert self.progress is not None
+        while True:
+            await trio.sleep(self.progress_interval)
+            self.progress(self._snapshot(fetcher, found, start))
+
+
+# -- streaming downloader -----------------------------------------------------------------
+
+
+@dataclass
+class StreamingStats:
+    """Counters of one StreamingDownloader.stream. ``out_of_order``: blocks that arrived
+    before an earlier block; ``max_buffered``: most blocks waiting for delivery at once."""
+
+    streamed_bytes: int = 0
+    streamed_blocks: int = 0
+    requests: int = 0
+    retries: int = 0
+    out_of_order: int = 0
+    max_buffered: int = 0
+
+
+class StreamingDownloader:
+    """Concurrent range requests delivered in order, as a stream of chunks.
+
+    At most ``window`` blocks are requested or buffered at once (bounded memory:
+    window x block_size). The digest, when given, is checked after the last byte and a
+    mismatch raises DigestMismatch (the consumer has seen the bytes by then: it must not
+    trust them until ``stream`` returns). A sink that raises, or a caller that is
+    cancelled, cancels every request; a block that fails after its retries raises its
+    error after the blocks before it were delivered. Servers without Range support are
+    read with one sequential request.
+    """
+
+    def __init__(
+        self,
+        reader: Reader,
+        *,
+        block_size: int = 4 << 20,
+        concurrency: int = 8,
+        window: int | None = None,
+        limiter: Limiter | None = None,
+        backoff: BackoffPolicy | None = None,
+        digest: Digest | None = None,
+    ) -> None:
+        self.reader = reader
+        self.block_size = block_size
+        self.concurrency = max(1, concurrency)
+        self.window = max(self.concurrency, window or 2 * self.concurrency)
+        self.limiter = limiter or Limiter()
+        self.backoff = backoff or BackoffPolicy()
+        self.digest = digest
+        self.stats = StreamingStats()
+
+    async def stream(self, sink: Callable[[bytes], Awaitable[None]]) -> None:
+        """Call ``sink`` with the object's bytes, in order, until the end. See the class."""
+        size = self.reader.info.size
+        hasher = Hasher(self.digest) if self.digest is not None else None
+
+        async def deliver(data: bytes) -> None:
+            if hasher is not None:
+                hasher.update(data)
+            self.stats.streamed_bytes += len(data)
+            await sink(data)
+
+        try:
+            if size > 0 and not self.reader.info.accept_ranges:
+                await self._stream_whole(deliver)
+            elif size > 0:
+                await self._stream_blocks(deliver)
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+        if hasher is not None:
+            hasher.verify()
+
+    async def _stream_whole(self, deliver: Callable[[bytes], Awaitable[None]]) -> None:
+        self.stats.requests += 1
+        async with self.reader.open_range(ByteRange(0, self.reader.info.size - 1)) as body:
+            async for chunk in body:
+                await self.limiter.wait_bytes(len(chunk))
+                await deliver(chunk)
+        self.stats.streamed_blocks = 1
+
+    async def _stream_blocks(self, deliver: Callable[[bytes], Awaitable[None]]) -> None:
+        size, bs = self.reader.info.size, self.block_size
+        total = num_blocks(size, bs)
+        ready: dict[int, bytes] = {}
+        arrived = trio.Event()
+        slots = trio.Semaphore(self.window)
+        next_to_request = 0
+        next_to_deliver = 0
+
+        async def worker() -> None:
+            nonlocal next_to_request, arrived
+            while next_to_request < total:
+                await slots.acquire()
+                if next_to_request >= total:
+                    slots.release()
+                    return
+                index = next_to_request
+                next_to_request += 1
+                data = await self._fetch_block(index)
+                if index != next_to_deliver:
+                    self.stats.out_of_order += 1
+                ready[index] = data
+                self.stats.max_buffered = max(self.stats.max_buffered, len(ready))
+                arrived.set()
+                arrived = trio.Event()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.concurrency):
+                nursery.start_soon(worker)
+            while next_to_deliver < total:
+                data_or_none = ready.pop(next_to_deliver, None)
+                if data_or_none is None:
+                    await arrived.wait()
+                    continue
+                next_to_deliver += 1
+                slots.release()
+                self.stats.streamed_blocks += 1
+                await deliver(data_or_none)
+
+    async def _fetch_block(self, index: int) -> bytes:
+        size, bs = self.reader.info.size, self.block_size
+        rng = range_for_index(index, size, bs)
+        backoff = self.backoff.new()
+        while True:
+            await self.limiter.wait_request()
+            self.stats.requests += 1
+            parts: list[bytes] = []
+            got = 0
+            try:
+                async with self.reader.open_range(rng) as body:
+                    async for chunk in body:
+                        await self.limiter.wait_bytes(len(chunk))
+                        parts.append(chunk)
+                        got += len(chunk)
+                if got != rng.size:
+                    raise TransientError(f"{self.reader.name} {rng}: body ended early")
+                return b"".join(parts)
+            except TransientError as exc:
+                if await backoff.wait(exc):
+                    raise RetriesExhausted(
+                        f"{self.reader.name} {rng}: gave up after {backoff.retries} retries: {exc}"
+                    ) from exc
+                self.stats.retries += 1
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one meaningful error of a trio exception group (first RangefsError, else first)."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, RangefsError):
+            return leaf
+    return leaves[0]
+
+
+# -- the CLI's jobs -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    """Options of ``rangefs download`` / ``rangefs cat``; bytes and seconds."""
+
+    block_size: int = 1 << 20
+    concurrency: int = 16
+    max_rate: float | None = None
+    http: HttpOptions = field(default_factory=HttpOptions)
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+    digest: Digest | None = None  # expected digest (e.g. --sha256); else the server's
+    force: bool = False  # overwrite an existing DEST
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """What download_file did: the file, its size, how much came from the network."""
+
+    dest: Path
+    size: int
+    downloaded_bytes: int
+    found_cached_bytes: int
+    verified: Digest | None
+    seconds: float
+
+
+def partial_dir(dest: Path) -> Path:
+    """Where download_file keeps the resumable cache of ``dest``."""
+    return dest.with_name(dest.name + ".rangefs-part")
+
+
+async def download_file(
+    url: str,
+    dest: Path,
+    options: DownloadOptions,
+    *,
+    progress: Callable[[DownloadStats], None] | None = None,
+) -> DownloadResult:
+    """Download ``url`` to ``dest``: parallel, resumable, verified.
+
+    The blocks are kept in ``DEST.rangefs-part/`` until the object is complete and its
+    digest (given, or the server's) matches; then the data is fsynced and renamed to
+    ``dest`` and the partial directory removed. ``dest`` never holds partial or wrong bytes.
+    A rerun after a failure or a kill resumes from the blocks already there.
+    """
+    started = time.monotonic()
+    name = redact_url(url)
+    if dest.exists() and not options.force:
+        raise UsageError(f"{dest} exists; remove it or pass --force")
+    if dest.is_dir():
+        raise UsageError(f"{dest} is a directory; give a file name")
+    if not dest.parent.is_dir():
+        raise UsageError(f"{dest.parent} does not exist; create it first")
+    part = partial_dir(dest)
+    async with HttpSession(options.http) as session:
+        info = await retry_transient(lambda: session.probe(url), options.backoff, name)
+        identity = ObjectIdentity(
+            url=name, size=info.size, block_size=options.block_size,
+            etag=info.etag, last_modified=info.last_modified,
+        )
+        cache = LocalDownloadCache.open(part, identity)
+        try:
+            downloader = CachingDownloader(
+                cache,
+                session.reader(url, info),
+                concurrency=options.concurrency,
+                limiter=Limiter(bytes_per_second=options.max_rate),
+                backoff=options.backoff,
+                wait_for_completion=True,
+                progress=progress,
+            )
+            status = await downloader.run()
+        finally:
+            cache.close()
+    if not status.complete:
+        assert status.error is not None
+        hint = "; run the same command again to resume" if status.resumable else ""
+        if isinstance(status.error, RemoteChanged):
+            hint = "; run the same command again to start over with the new version"
+        raise type(status.error)(f"{status.error}{hint}") from status.error
+    digest = options.digest or info.digest
+    data = part / "data"
+    if digest is not None:
+        actual = await hash_file(data, digest.algorithm)
+        if actual != digest.expected:
+            shutil.rmtree(part, ignore_errors=True)
+            raise DigestMismatch(
+                f"{name}: {digest.algorithm} is {actual.hex()}, expected {digest.hex}; "
+                "the partial download was removed"
+            )
+    try:
+        await trio.to_thread.run_sync(_fsync_path, data)
+        os.replace(data, dest)
+        await trio.to_thread.run_sync(_fsync_path, dest.parent)
+    except OSError as exc:
+        raise InternalError(f"cannot move the download into place at {dest}: {exc}") from exc
+    shutil.rmtree(part, ignore_errors=True)
+    return DownloadResult(
+        dest=dest,
+        size=info.size,
+        downloaded_bytes=status.stats.downloaded_bytes,
+        found_cached_bytes=status.stats.found_cached_bytes,
+        verified=digest,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def cat_url(url: str, out_fd: int, options: DownloadOptions) -> int:
+    """Stream ``url`` to the file descriptor ``out_fd`` in order; returns the byte count.
+
+    Raises DigestMismatch after the last byte when a known digest does not match (the
+    bytes were written: the caller must report the failure with a non-zero exit).
+    """
+    async with HttpSession(options.http) as session:
+        info = await retry_transient(
+            lambda: session.probe(url), options.backoff, redact_url(url)
+        )
+        downloader = StreamingDownloader(
+            session.reader(url, info),
+            block_size=max(options.block_size, 1 << 20),
+            concurrency=options.concurrency,
+            limiter=Limiter(bytes_per_second=options.max_rate),
+            backoff=options.backoff,
+            digest=options.digest or info.digest,
+        )
+
+        async def write(data: bytes) -> None:
+            await trio.to_thread.run_sync(_write_all, out_fd, data)
+
+        await downloader.stream(write)
+        return info.size
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BrokenPipeError as exc:
+            raise InternalError("the output was closed (broken pipe)") from exc
+        view = view[n:]

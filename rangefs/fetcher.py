@@ -1,0 +1,425 @@
+"""Demand-first, single-flight block fetcher for one object.
+
+An ``ObjectFetcher`` moves blocks of one remote object into its ``LocalDownloadCache``.
+Readers call :meth:`ObjectFetcher.fetch` for the blocks they wait for; background fill
+calls :meth:`ObjectFetcher.fill` (or :meth:`prefetch` for read-ahead). Both end up in
+*flights*: one HTTP range request (plus its retries) for a run of adjacent blocks.
+
+Concurrency protocol (everything runs on the one trio thread):
+
+- ``_inflight`` maps every block some flight is fetching to that flight. Blocks are put
+  there synchronously, BEFORE the first ``await`` of whoever created the flight, and
+  removed when the block is written or the flight ends. A block is therefore requested by
+  at most one request at a time (single flight), however many readers wait for it.
+- Flights run in the fetcher's own nursery (started by :meth:`run`), never in a reader's
+  task: a reader that is cancelled or times out leaves the flight running for the others.
+- Demand flights take a slot of ``demand_slots``, background flights a slot of
+  ``fill_slots``: a reader never queues behind background fill (demand first).
+- Bodies are streamed: each whole block is written to the cache as soon as its last byte
+  arrives, which sets its bit; the flight's ``changed`` event then wakes its waiters.
+- A transient failure is retried with backoff from the first block not yet written; the
+  server's Retry-After holds every request of the object until it has passed. A flight
+  that gives up stores its error and frees its remaining blocks; its waiters raise it, and
+  the next reader starts a new flight.
+
+What a crash leaves on disk: blocks written since the cache's last flush are not claimed
+by the index (see cache.py) and are fetched again; a partly received block is never written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import trio
+
+from .cache import LocalDownloadCache
+from .errors import (
+    CacheError,
+    InternalError,
+    RangefsError,
+    RangeNotSupported,
+    RemoteChanged,
+    RetriesExhausted,
+    SourceError,
+    TransientError,
+)
+from .ranges import ByteRange, range_for_index
+from .ratecontrol import BackoffPolicy, Limiter
+from .source import Reader
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_DEMAND_REQUEST_BYTES = 16 << 20  # largest run one reader's request asks for
+DEFAULT_FILL_REQUEST_BYTES = 4 << 20  # largest run one background request asks for
+
+
+@dataclass
+class FetchStats:
+    """Counters of one fetcher; they never decrease. Bytes are body bytes received."""
+
+    requests: int = 0
+    retries: int = 0
+    errors: int = 0
+    bytes_received: int = 0
+    blocks_written: int = 0
+
+
+class _Flight:
+    """One run of adjacent blocks [first, last] being fetched by one request at a time."""
+
+    __slots__ = ("changed", "demand", "error", "first", "last", "next_block")
+
+    def __init__(self, first: int, last: int, *, demand: bool) -> None:
+        self.first = first
+        self.last = last
+        self.next_block = first  # the first block of the run not yet written
+        self.demand = demand
+        self.error: RangefsError | None = None
+        self.changed = trio.Event()  # set (and replaced) on every block written and at the end
+
+    @property
+    def done(self) -> bool:
+        return self.next_block > self.last or self.error is not None
+
+    def wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class ObjectFetcher:
+    """Fetches blocks of one object into its cache; see the module docstring for the rules.
+
+    ``demand_slots`` and ``fill_slots`` may be shared between the fetchers of a mount, to
+    bound connections overall. ``on_remote_changed`` is called (once per detection) when a
+    response shows that the remote is another version than the cache's.
+    """
+
+    def __init__(
+        self,
+        cache: LocalDownloadCache,
+        reader: Reader,
+        *,
+        limiter: Limiter,
+        backoff: BackoffPolicy,
+        demand_slots: trio.CapacityLimiter,
+        fill_slots: trio.CapacityLimiter,
+        demand_request_bytes: int = DEFAULT_DEMAND_REQUEST_BYTES,
+        fill_request_bytes: int = DEFAULT_FILL_REQUEST_BYTES,
+        on_remote_changed: Callable[[RemoteChanged], None] | None = None,
+    ) -> None:
+        self.cache = cache
+        self.reader = reader
+        self.stats = FetchStats()
+        self._limiter = limiter
+        self._backoff = backoff
+        self._demand_slots = demand_slots
+        self._fill_slots = fill_slots
+        bs = cache.block_size
+        self._demand_run = max(1, demand_request_bytes // bs)
+        self._fill_run = max(1, fill_request_bytes // bs)
+        self._on_remote_changed = on_remote_changed
+        self._inflight: dict[int, _Flight] = {}
+        self._hold_until = 0.0  # trio time before which no request of this object starts
+        self._cursor = 0  # where background fill looks first: just past the latest demand
+        self._nursery: trio.Nursery | None = None
+        self._stopped = False  # set by stop(): no block may be written any more
+        self._fatal: RangefsError | None = None  # set when the remote changed
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the flights' nursery until cancelled. Call with ``await nursery.start(...)``."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._stopped = True
+            self._nursery = None
+            for flight in set(self._inflight.values()):
+                self._end_flight(flight, InternalError("fetcher stopped"))
+
+    def stop(self) -> None:
+        """Write no more blocks, from now on (synchronously), and end every flight.
+
+        Call before the cache is invalidated: a flight task that was already woken with a
+        chunk of the old version could otherwise write it before it sees a cancellation.
+        """
+        self._stopped = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def healthy(self) -> bool:
+        """False once a response showed that the remote is another version."""
+        return self._fatal is None
+
+    # -- demand --------------------------------------------------------------------------
+
+    async def fetch(self, first: int, last: int) -> None:
+        """Return once blocks ``first..last`` (inclusive indices) are all cached.
+
+        Missing blocks not already in flight are requested at once with demand priority,
+        adjacent ones coalesced. Raises the error of a flight that gave up (RetriesExhausted,
+        PermanentError, RemoteChanged, InternalError...). Cancelling the caller does not
+        cancel any flight. Callers bound the wait themselves (trio.fail_after).
+        """
+        bitmap = self.cache.bitmap
+        self._cursor = last + 1
+        block = first
+        while True:
+            next_missing = bitmap.first_clear(block, last + 1)
+            if next_missing is None:
+                return
+            block = next_missing
+            if self._fatal is not None:
+                raise self._fatal
+            self._start_flights(block, last, demand=True)
+            flight = self._inflight[block]
+            # no await between the lookup above and subscribing here
+            changed = flight.changed
+            while not bitmap.is_block_set(block) and not flight.done:
+                await changed.wait()
+                changed = flight.changed
+            if not bitmap.is_block_set(block) and flight.error is not None:
+                raise flight.error
+            # else: the block is here, or its flight stopped without it: look again
+
+    def prefetch(self, first: int, last: int) -> None:
+        """Start background flights for the missing, idle blocks of ``first..last``.
+
+        Does not wait; read-ahead for sequential readers. Safe to call often.
+        """
+        last = min(last, self.cache.num_blocks - 1)
+        if first <= last and self._nursery is not None:
+            self._start_flights(first, last, demand=False)
+
+    # -- background fill -----------------------------------------------------------------
+
+    async def fill(self, concurrency: int) -> None:
+        """Fetch every outstanding block with ``concurrency`` parallel requests.
+
+        Starts just after the latest demand read and wraps around. Returns when the cache
+        is complete; raises the first error that made a flight give up (after the other
+        workers finished their current flight). Cancellation stops it cleanly.
+        """
+        errors: list[RangefsError] = []
+
+        async def worker() -> None:
+            while not errors:
+                run = self._claim_fill_run()
+                if run is None:
+                    if self.cache.complete():
+                        return
+                    # every missing block is in someone else's flight: wait for one to move
+                    flights = list(self._inflight.values())
+                    if not flights:
+                        return
+                    await flights[0].changed.wait()
+                    continue
+                flight = self._register(run[0], run[1], demand=False)
+                await self._run_flight(flight)
+                if flight.error is not None:
+                    errors.append(flight.error)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(max(1, concurrency)):
+                nursery.start_soon(worker)
+        if errors:
+            raise errors[0]
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _claim_fill_run(self) -> tuple[int, int] | None:
+        """The next run of missing, idle blocks from the cursor (wrapping), or None."""
+        n = self.cache.num_blocks
+        for start, stop in ((self._cursor, n), (0, min(self._cursor, n))):
+            block = self._first_idle(start, stop)
+            if block is not None:
+                end = block
+                limit = min(stop, block + self._fill_run)
+                while end + 1 < limit and self._idle(end + 1):
+                    end += 1
+                self._cursor = end + 1
+                return block, end
+        return None
+
+    def _first_idle(self, start: int, stop: int) -> int | None:
+        bitmap = self.cache.bitmap
+        block = bitmap.first_clear(start, stop) if start < stop else None
+        while block is not None and block in self._inflight:
+            block = bitmap.first_clear(block + 1, stop) if block + 1 < stop else None
+        return block
+
+    def _idle(self, block: int) -> bool:
+        return not self.cache.bitmap.is_block_set(block) and block not in self._inflight
+
+    def _start_flights(self, first: int, last: int, *, demand: bool) -> None:
+        """Register and start flights for the idle missing blocks of first..last. No await."""
+        assert self._nursery is not None, "fetcher.run() is not running"
+        limit = self._demand_run if demand else self._fill_run
+        block = self._first_idle(first, last + 1)
+        while block is not None:
+            end = block
+            while end < last and end - block + 1 < limit and self._idle(end + 1):
+                end += 1
+            flight = self._register(block, end, demand=demand)
+            self._nursery.start_soon(self._run_flight, flight)
+            block = self._first_idle(end + 1, last + 1) if end < last else None
+
+    def _register(self, first: int, last: int, *, demand: bool) -> _Flight:
+        flight = _Flight(first, last, demand=demand)
+        for block in range(first, last + 1):
+            self._inflight[block] = flight
+        return flight
+
+    def _end_flight(self, flight: _Flight, error: RangefsError | None) -> None:
+        for block in range(flight.next_block, flight.last + 1):
+            if self._inflight.get(block) is flight:
+                del self._inflight[block]
+        if error is not None and flight.next_block <= flight.last:
+            flight.error = error
+        flight.wake()
+
+    async def _run_flight(self, flight: _Flight) -> None:
+        """Fetch the flight's blocks, retrying transient failures; never raises."""
+        slots = self._demand_slots if flight.demand else self._fill_slots
+        backoff = self._backoff.new()
+        error: RangefsError | None = None
+        try:
+            async with slots:
+                while flight.next_block <= flight.last:
+                    if self._fatal is not None:
+                        error = self._fatal
+                        break
+                    try:
+                        await self._request(flight)
+                    except TransientError as exc:
+                        self.stats.errors += 1
+                        if exc.retry_after is not None:
+                            hold = min(exc.retry_after, self._backoff.retry_after_cap)
+                            self._hold_until = max(self._hold_until, trio.current_time() + hold)
+                        delay = backoff.delay_for(exc)
+                        if delay is None:
+                            error = RetriesExhausted(
+                                f"{self.reader.name} {self._range(flight)}: gave up after "
+                                f"{backoff.retries} retries: {exc}"
+                            )
+                            error.__cause__ = exc
+                            log.warning("%s", error)
+                            break
+                        log.info("%s %s: %s; retrying in %.2f s",
+                                 self.reader.name, self._range(flight), exc, delay)
+                        self.stats.retries += 1
+                        await trio.sleep(delay)
+                        backoff.retries += 1
+                    except RemoteChanged as exc:
+                        self.stats.errors += 1
+                        error = exc
+                        self._remote_changed(exc)
+                        break
+                    except RangeNotSupported as exc:
+                        self.stats.errors += 1
+                        error = exc
+                        log.warning("%s: %s", self.reader.name, exc)
+                        break
+                    except SourceError as exc:
+                        self.stats.errors += 1
+                        error = exc
+                        log.warning("%s %s: %s", self.reader.name, self._range(flight), exc)
+                        break
+                    except CacheError as exc:
+                        error = exc
+                        log.error("%s %s: cache: %s", self.reader.name, self._range(flight), exc)
+                        break
+                    except OSError as exc:
+                        error = InternalError(f"{self.reader.name}: local I/O error: {exc}")
+                        error.__cause__ = exc
+                        log.error("%s", error)
+                        break
+        finally:
+            if flight.next_block <= flight.last and error is None:
+                error = InternalError(f"{self.reader.name}: fetch of {self._range(flight)} stopped")
+            self._end_flight(flight, error)
+
+    def _range(self, flight: _Flight) -> ByteRange:
+        size, bs = self.cache.size, self.cache.block_size
+        return ByteRange(
+            range_for_index(flight.next_block, size, bs).start,
+            range_for_index(flight.last, size, bs).end,
+        )
+
+    async def _request(self, flight: _Flight) -> None:
+        """One range request for the flight's unwritten blocks; writes whole blocks."""
+        now = trio.current_time()
+        if self._hold_until > now:
+            await trio.sleep_until(self._hold_until)
+        await self._limiter.wait_request()
+        cache = self.cache
+        size, bs = cache.size, cache.block_size
+        rng = self._range(flight)
+        self.stats.requests += 1
+        block = flight.next_block
+        want = range_for_index(block, size, bs).size
+        buf = bytearray(bs)
+        filled = 0
+        async with self.reader.open_range(rng) as body:
+            async for chunk in body:
+                await self._limiter.wait_bytes(len(chunk))
+                self.stats.bytes_received += len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    take = min(want - filled, len(view))
+                    buf[filled : filled + take] = view[:take]
+                    filled += take
+                    view = view[take:]
+                    if filled == want:
+                        if self._stopped:
+                            raise InternalError(f"{self.reader.name}: fetcher stopped")
+                        data = buf if want == bs else memoryview(buf)[:want]
+                        cache.write_block(block, data)
+                        self.stats.blocks_written += 1
+                        if self._inflight.get(block) is flight:
+                            del self._inflight[block]
+                        block += 1
+                        flight.next_block = block
+                        flight.wake()
+                        if block > flight.last:
+                            return
+                        want = range_for_index(block, size, bs).size
+                        filled = 0
+        if flight.next_block <= flight.last:
+            raise TransientError(f"{self.reader.name} {rng}: body ended early")
+
+    def _remote_changed(self, exc: RemoteChanged) -> None:
+        if self._fatal is None:
+            self._fatal = exc
+            log.warning("%s: the remote object changed: %s", self.reader.name, exc)
+            if self._on_remote_changed is not None:
+                self._on_remote_changed(exc)
+
+
+async def retry_transient(call: Callable[[], Awaitable[T]], policy: BackoffPolicy, what: str) -> T:
+    """Await ``call()`` until it does not raise TransientError, backing off per ``policy``.
+
+    Gives up with RetriesExhausted (cause: the last error) when the policy says so; other
+    errors pass through at once. For one-off requests such as probes.
+    """
+    backoff = policy.new()
+    while True:
+        try:
+            return await call()
+        except TransientError as exc:
+            delay = backoff.delay_for(exc)
+            if delay is None:
+                raise RetriesExhausted(
+                    f"{what}: gave up after {backoff.retries} retries: {exc}"
+                ) from exc
+            log.info("%s: %s; retrying in %.2f s", what, exc, delay)
+            await trio.sleep(delay)
+            backoff.retries += 1

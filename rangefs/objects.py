@@ -1,0 +1,570 @@
+"""The remote objects of a mount: metadata, cache, fetcher and open handles.
+
+One ``MountedObject`` per cache key (entries naming the same URL share it). Its life:
+
+1. *Attributes*: from the list's ``size=N``, from meta.json remembered by an earlier
+   mount, or from a probe (HEAD / ranged GET) with bounded concurrency, single flight.
+2. *Open*: the first open of a mount opens the object's ``LocalDownloadCache`` and starts
+   its ``ObjectFetcher`` in the store's nursery; remembered metadata is revalidated in the
+   background (reads go on meanwhile: every range request carries the validator anyway).
+3. *Version*: when the remote changes (a probe or a response shows another validator or
+   size) the object's generation is bumped, its fetcher stopped, its cache invalidated and
+   a new fetcher started. Handles of the old generation then fail every read with
+   RemoteChanged (EIO); new opens read the new version with ``keep_cache`` off once, so
+   the kernel drops pages of the old one. Never a mix of two versions.
+
+Everything here runs on the trio thread. The store owns every task (probes, fetchers,
+fills, the index flusher) and flushes every cache, shielded, when it is cancelled.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .cache import LocalDownloadCache
+from .cachedir import CacheDir, ObjectMeta, cache_key
+from .cachefiles import ObjectIdentity
+from .digests import Digest, hash_file, parse_digest
+from .errors import (
+    DigestMismatch,
+    PermanentError,
+    RangefsError,
+    ReadTimeout,
+    RemoteChanged,
+    RetriesExhausted,
+    SourceError,
+)
+from .fetcher import ObjectFetcher, retry_transient
+from .ranges import block_span
+from .ratecontrol import BackoffPolicy, Limiter
+from .redact import redact_url
+from .source import HttpOptions, HttpSession, RemoteInfo
+from .urllist import Entry
+
+log = logging.getLogger(__name__)
+
+FLUSH_PERIOD = 0.5  # seconds between checks for caches whose index needs persisting
+MAX_READAHEAD = 32 << 20  # bytes a sequential reader's read-ahead grows to
+
+
+class Prefetch(enum.Enum):
+    """Background fill policy: which objects are filled without a reader asking."""
+
+    OPEN = "open"  # every opened object is filled completely in the background (default)
+    NONE = "none"  # only what readers ask for (plus sequential read-ahead)
+    ALL = "all"  # every object of the list, from mount time
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Everything the object layer needs; sizes in bytes, times in seconds."""
+
+    cache_dir: Path
+    block_size: int = 1 << 20
+    concurrency: int = 16  # parallel requests for background fill (over all objects)
+    max_rate: float | None = None  # bytes/s over all objects; None = unlimited
+    prefetch: Prefetch = Prefetch.OPEN
+    read_timeout: float = 60.0  # a read() waits at most this long for its blocks, then EIO
+    http: HttpOptions = field(default_factory=HttpOptions)
+    cache_size: int | None = None  # budget for the cache directory; None = unlimited
+    probe_concurrency: int = 32
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+
+
+@dataclass(frozen=True)
+class ObjectAttrs:
+    """What `stat` shows: size in bytes, mtime in epoch seconds."""
+
+    size: int
+    mtime: float
+
+
+def _info_from_meta(url: str, meta: ObjectMeta) -> RemoteInfo:
+    digest = None
+    if meta.digest:
+        try:
+            digest = parse_digest(meta.digest)
+        except ValueError:
+            digest = None
+    return RemoteInfo(
+        url=url,
+        size=meta.size,
+        etag=meta.etag,
+        last_modified=meta.last_modified,
+        mtime=meta.mtime,
+        accept_ranges=meta.accept_ranges,
+        digest=digest,
+    )
+
+
+def _same_version(a: RemoteInfo, b: RemoteInfo) -> bool:
+    """Two probes name the same version: equal size, and no validator that differs."""
+    if a.size != b.size:
+        return False
+    if a.etag and b.etag:
+        return a.etag == b.etag
+    if a.last_modified and b.last_modified:
+        return a.last_modified == b.last_modified
+    return True
+
+
+class _Version:
+    """One version of an object's bytes: its cache and fetcher, and the fetcher's scope."""
+
+    def __init__(self, generation: int, info: RemoteInfo, cache: LocalDownloadCache,
+                 fetcher: ObjectFetcher) -> None:
+        self.generation = generation
+        self.info = info
+        self.cache = cache
+        self.fetcher = fetcher
+        self.scopes: list[trio.CancelScope] = []  # of the fetcher and of each fill
+        self.stopped = False
+        self.filling = False
+
+    def stop(self) -> None:
+        """Stop this version's fetcher and fill now; no block is written after this."""
+        self.stopped = True
+        self.fetcher.stop()
+        for scope in self.scopes:
+            scope.cancel()
+
+    def new_scope(self) -> trio.CancelScope:
+        """A cancel scope that stop() cancels (already cancelled if stopped)."""
+        scope = trio.CancelScope()
+        if self.stopped:
+            scope.cancel()
+        self.scopes.append(scope)
+        return scope
+
+    async def run_fetcher(self, *, task_status: trio.TaskStatus[None]) -> None:
+        with self.new_scope():
+            await self.fetcher.run(task_status=task_status)
+
+
+class ObjectHandle:
+    """One open() of an object. Called from the trio thread only."""
+
+    def __init__(self, obj: MountedObject, version: _Version, *, keep_cache: bool) -> None:
+        self._obj = obj
+        self._version = version
+        self.keep_cache = keep_cache
+        self._next_offset = -1  # where a sequential reader reads next
+        self._readahead = 0  # bytes of read-ahead, grows while reads stay sequential
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Return the bytes [offset, offset+size) clamped at EOF (b"" at or past EOF).
+
+        Waits for missing blocks at most ``read_timeout`` seconds (then ReadTimeout).
+        Raises only RangefsError subclasses; cancellation leaves shared fetches running.
+        """
+        version = self._version
+        obj = self._obj
+        obj.check_generation(version)
+        cache = version.cache
+        end = min(offset + size, cache.size)
+        if size <= 0 or offset >= end:
+            return b""
+        first, last = block_span(offset, end - offset, cache.block_size)
+        if cache.bitmap.first_clear(first, last + 1) is not None:
+            with trio.move_on_after(obj.store.config.read_timeout) as scope:
+                await version.fetcher.fetch(first, last)
+            if scope.cancelled_caught:
+                raise ReadTimeout(
+                    f"{obj.name} [{offset}:{end - 1}]: no data after "
+                    f"{obj.store.config.read_timeout:g} s"
+                )
+            obj.check_generation(version)
+        self._read_ahead(offset, end, last)
+        return cache.read_at(offset, end - offset)
+
+    def _read_ahead(self, offset: int, end: int, last: int) -> None:
+        """Grow read-ahead while reads are sequential; start background flights for it."""
+        if offset == self._next_offset:
+            self._readahead = min(MAX_READAHEAD, max(2 * self._readahead, 4 << 20))
+        else:
+            self._readahead = 0
+        self._next_offset = end
+        if self._readahead and not self._version.filling:
+            bs = self._version.cache.block_size
+            self._version.fetcher.prefetch(last + 1, last + self._readahead // bs)
+
+    def release(self) -> None:
+        """The file handle was closed."""
+        self._obj.opened -= 1
+
+
+class MountedObject:
+    """One remote object (one cache key); entries naming the same URL share it."""
+
+    def __init__(self, store: ObjectStore, key: str, entry: Entry) -> None:
+        self.store = store
+        self.key = key
+        self.entry = entry
+        self.name = redact_url(entry.url)
+        self.opened = 0
+        self._meta: ObjectMeta | None = None
+        self._meta_loaded = False
+        self._info: RemoteInfo | None = None  # what this mount knows of the remote
+        self._validated = False  # _info came from a probe of this mount
+        self._probe_lock = trio.Lock()
+        self._open_lock = trio.Lock()
+        self._version: _Version | None = None
+        self._generation = 0
+        self._keep_cache = True  # False once after a version change
+        self._verified: str | None = None  # "ok" / "mismatch" once a digest was checked
+        self._failed: RangefsError | None = None  # a digest mismatch: reads fail
+
+    # -- attributes ---------------------------------------------------------------------
+
+    def _remembered(self) -> ObjectMeta | None:
+        if not self._meta_loaded:
+            self._meta = self.store.cachedir.load_meta(self.key)
+            self._meta_loaded = True
+        return self._meta
+
+    def attrs_nowait(self) -> ObjectAttrs | None:
+        """Attributes known without the network (probed, remembered, or size=N), else None."""
+        info = self._info
+        if info is not None:
+            return ObjectAttrs(info.size, info.mtime or self.store.started)
+        meta = self._remembered()
+        if meta is not None and (self.entry.size is None or self.entry.size == meta.size):
+            return ObjectAttrs(meta.size, meta.mtime or self.store.started)
+        if self.entry.size is not None:
+            return ObjectAttrs(self.entry.size, self.store.started)
+        return None
+
+    async def attrs(self) -> ObjectAttrs:
+        """Attributes, probing the remote (bounded concurrency) when unknown. SourceError."""
+        known = self.attrs_nowait()
+        if known is not None:
+            return known
+        info = await self.probe()
+        return ObjectAttrs(info.size, info.mtime or self.store.started)
+
+    async def probe(self) -> RemoteInfo:
+        """Probe the remote once per mount (single flight); remembers the answer."""
+        async with self._probe_lock:
+            if self._validated and self._info is not None:
+                return self._info
+            async with self.store.probe_slots:
+                info = await retry_transient(
+                    lambda: self.store.session.probe(self.entry.url),
+                    self.store.config.backoff,
+                    self.name,
+                )
+            if self.entry.size is not None and info.size != self.entry.size:
+                raise PermanentError(
+                    f"{self.name}: the server says {info.size} bytes, the URL list says "
+                    f"size={self.entry.size}"
+                )
+            self._validated = True
+            self._remember(info)
+            return info
+
+    def _remember(self, info: RemoteInfo) -> None:
+        self._info = info
+        meta = ObjectMeta(
+            url=self.name,
+            size=info.size,
+            etag=info.etag,
+            last_modified=info.last_modified,
+            mtime=info.mtime,
+            accept_ranges=info.accept_ranges,
+            digest=str(info.digest) if info.digest is not None else None,
+        )
+        if meta != self._meta:
+            self._meta = meta
+            self._meta_loaded = True
+            try:
+                self.store.cachedir.save_meta(self.key, meta)
+            except OSError as exc:
+                log.warning("%s: cannot remember metadata: %s", self.name, exc)
+
+    def cached_bytes(self) -> int:
+        """Bytes of the object that are in the local cache now (for st_blocks)."""
+        if self._version is None:
+            return 0
+        return self._version.cache.cached_bytes_and_blocks()[0]
+
+    def expected_digest(self) -> Digest | None:
+        """The digest from the URL list, else the server's."""
+        if self.entry.digest is not None:
+            return self.entry.digest
+        return self._info.digest if self._info is not None else None
+
+    def xattrs(self) -> dict[str, bytes]:
+        """user.rangefs.* names -> values (url redacted)."""
+        out = {"user.rangefs.url": self.name.encode()}
+        attrs = self.attrs_nowait()
+        bs = self.store.config.block_size
+        if attrs is not None:
+            total = math.ceil(attrs.size / bs)
+            cached = 0
+            if self._version is not None:
+                cached = self._version.cache.cached_bytes_and_blocks()[1]
+            out["user.rangefs.size"] = str(attrs.size).encode()
+            out["user.rangefs.blocks_total"] = str(total).encode()
+            out["user.rangefs.blocks_cached"] = str(cached).encode()
+            out["user.rangefs.complete"] = b"1" if cached == total else b"0"
+        out["user.rangefs.block_size"] = str(bs).encode()
+        etag = self._info.etag if self._info is not None else None
+        out["user.rangefs.etag"] = (etag or "").encode()
+        out["user.rangefs.verified"] = (self._verified or "unknown").encode()
+        return out
+
+    # -- open and versions --------------------------------------------------------------
+
+    async def open(self) -> ObjectHandle:
+        """Open for reading: probe or revalidate, open the cache, start fill per policy."""
+        if self._failed is not None:
+            raise self._failed
+        async with self._open_lock:
+            version = await self._ensure_version()
+            keep = self._keep_cache
+            self._keep_cache = True
+        if self.store.config.prefetch is Prefetch.OPEN:
+            self.start_fill(version)
+        self.opened += 1
+        return ObjectHandle(self, version, keep_cache=keep)
+
+    async def _ensure_version(self) -> _Version:
+        if self._version is not None:
+            return self._version
+        if self._info is None:
+            meta = self._remembered()
+            if meta is not None and (self.entry.size is None or self.entry.size == meta.size):
+                self._info = _info_from_meta(self.entry.url, meta)
+                self.store.nursery.start_soon(self._revalidate)
+            else:
+                await self.probe()
+        assert self._info is not None
+        return await self._start_version(self._info)
+
+    async def _start_version(self, info: RemoteInfo) -> _Version:
+        config = self.store.config
+        identity = ObjectIdentity(
+            url=self.name,
+            size=info.size,
+            block_size=config.block_size,
+            etag=info.etag,
+            last_modified=info.last_modified,
+        )
+        directory = self.store.cachedir.object_dir(self.key)
+        if self._version is None:
+            cache = LocalDownloadCache.open(directory, identity)
+        else:
+            cache = self._version.cache
+            cache.invalidate(identity)
+        self._generation += 1
+        fetcher = ObjectFetcher(
+            cache,
+            self.store.session.reader(self.entry.url, info),
+            limiter=self.store.limiter,
+            backoff=config.backoff,
+            demand_slots=self.store.demand_slots,
+            fill_slots=self.store.fill_slots,
+            on_remote_changed=self._on_remote_changed,
+        )
+        version = _Version(self._generation, info, cache, fetcher)
+        self._version = version
+        self._verified = None
+        await self.store.nursery.start(version.run_fetcher)
+        if cache.complete():
+            self.store.nursery.start_soon(self._verify, version)
+        return version
+
+    def check_generation(self, version: _Version) -> None:
+        """Raise RemoteChanged if ``version`` is no longer the object's current one."""
+        if self._failed is not None:
+            raise self._failed
+        if self._version is not version:
+            raise RemoteChanged(f"{self.name}: the remote object changed while open; reopen it")
+
+    def _on_remote_changed(self, exc: RemoteChanged) -> None:
+        self._validated = False
+        self.store.nursery.start_soon(self._revalidate)
+
+    async def _revalidate(self) -> None:
+        """Probe again; switch to the new version if the remote changed. Never raises."""
+        try:
+            self._validated = False
+            info = await self.probe()
+        except (SourceError, RetriesExhausted) as exc:
+            log.info("%s: revalidation failed (serving the cache): %s", self.name, exc)
+            return
+        async with self._open_lock:
+            version = self._version
+            if version is None or (
+                _same_version(version.info, info) and version.fetcher.healthy()
+            ):
+                return
+            log.warning(
+                "%s: the remote object changed (size %d -> %d, etag %s -> %s); "
+                "dropping its cached blocks",
+                self.name, version.info.size, info.size, version.info.etag, info.etag,
+            )
+            version.stop()
+            self._keep_cache = False
+            self.store.invalidate_kernel_cache(self)
+            await self._start_version(info)
+
+    def start_fill(self, version: _Version) -> None:
+        """Start filling every outstanding block in the background, once per version."""
+        if not version.filling and not version.cache.complete():
+            version.filling = True
+            self.store.nursery.start_soon(self._fill, version)
+
+    async def _fill(self, version: _Version) -> None:
+        try:
+            with version.new_scope():
+                await version.fetcher.fill(self.store.config.concurrency)
+        except RangefsError as exc:
+            log.warning("%s: background fill stopped: %s", self.name, exc)
+            version.filling = False
+            return
+        if version.cache.complete() and self._version is version:
+            await self._verify(version)
+
+    async def _verify(self, version: _Version) -> None:
+        """Hash a complete object once; a mismatch drops the cache and fails reads."""
+        digest = self.expected_digest()
+        if digest is None or self._verified is not None:
+            return
+        await version.cache.flush()
+        data_path = self.store.cachedir.object_dir(self.key) / "data"
+        actual = await hash_file(data_path, digest.algorithm)
+        if actual == digest.expected:
+            self._verified = "ok"
+            log.info("%s: %s verified", self.name, digest.algorithm)
+            return
+        self._verified = "mismatch"
+        self._failed = DigestMismatch(
+            f"{self.name}: {digest.algorithm} is {actual.hex()}, expected {digest.hex}"
+        )
+        log.error("%s", self._failed)
+        version.stop()
+        version.cache.invalidate(version.cache.identity)
+
+
+class ObjectStore:
+    """Owns the HTTP session, every object's cache and fetcher, and their tasks."""
+
+    def __init__(self, entries: Sequence[Entry], config: StoreConfig) -> None:
+        self.config = config
+        self.started = time.time()
+        self.limiter = Limiter(bytes_per_second=config.max_rate)
+        self.demand_slots = trio.CapacityLimiter(max(4, config.concurrency))
+        self.fill_slots = trio.CapacityLimiter(max(1, config.concurrency))
+        self.probe_slots = trio.CapacityLimiter(max(1, config.probe_concurrency))
+        self._objects: dict[str, MountedObject] = {}
+        self._by_entry: dict[Entry, MountedObject] = {}
+        for entry in entries:
+            key = cache_key(entry.url)
+            obj = self._objects.get(key)
+            if obj is None:
+                obj = self._objects[key] = MountedObject(self, key, entry)
+            self._by_entry[entry] = obj
+        self._cachedir: CacheDir | None = None
+        self._session: HttpSession | None = None
+        self._nursery: trio.Nursery | None = None
+        # set by the FUSE layer: drops the kernel's cached pages of an object
+        self.kernel_invalidator: Callable[[MountedObject], None] | None = None
+
+    @property
+    def cachedir(self) -> CacheDir:
+        assert self._cachedir is not None, "ObjectStore.run() is not running"
+        return self._cachedir
+
+    @property
+    def session(self) -> HttpSession:
+        assert self._session is not None, "ObjectStore.run() is not running"
+        return self._session
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None, "ObjectStore.run() is not running"
+        return self._nursery
+
+    def get(self, entry: Entry) -> MountedObject:
+        """The object for an entry of the list."""
+        return self._by_entry[entry]
+
+    def objects(self) -> list[MountedObject]:
+        """Every object, once each."""
+        return list(self._objects.values())
+
+    def invalidate_kernel_cache(self, obj: MountedObject) -> None:
+        """Hook for the FUSE layer: drop the kernel's pages of ``obj`` (set by ops)."""
+        hook = self.kernel_invalidator
+        if hook is not None:
+            hook(obj)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; ``task_status.started()`` once objects can be served.
+
+        On cancellation every cache index is flushed (shielded) before returning.
+        Raises CacheLocked/UsageError when the cache directory is unusable (before started()).
+        """
+        self._cachedir = CacheDir.open(self.config.cache_dir)
+        try:
+            async with HttpSession(self.config.http) as session:
+                self._session = session
+                try:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        nursery.start_soon(self._flusher)
+                        if self.config.prefetch is Prefetch.ALL:
+                            nursery.start_soon(self._prefetch_all)
+                        task_status.started()
+                        await trio.sleep_forever()
+                finally:
+                    self._nursery = None
+                    with trio.CancelScope(shield=True):
+                        await self._close_caches()
+        finally:
+            self._session = None
+            self._cachedir.close()
+
+    def _caches(self) -> list[LocalDownloadCache]:
+        return [o._version.cache for o in self._objects.values() if o._version is not None]
+
+    async def _flusher(self) -> None:
+        """Persist indexes in batches: a few times a second, only caches that need it."""
+        while True:
+            await trio.sleep(FLUSH_PERIOD)
+            for cache in self._caches():
+                if cache.needs_flush():
+                    try:
+                        await cache.flush()
+                    except RangefsError as exc:
+                        log.error("cannot persist the cache index: %s", exc)
+
+    async def _close_caches(self) -> None:
+        for cache in self._caches():
+            try:
+                cache.close()
+            except RangefsError as exc:
+                log.error("cannot close the cache: %s", exc)
+
+    async def _prefetch_all(self) -> None:
+        """Policy 'all': open and fill every object of the list, one after another."""
+        for obj in self.objects():
+            try:
+                async with obj._open_lock:
+                    version = await obj._ensure_version()
+                if version.cache.complete():
+                    await obj._verify(version)
+                elif not version.filling:
+                    version.filling = True
+                    await obj._fill(version)
+            except RangefsError as exc:
+                log.warning("%s: prefetch failed: %s", obj.name, exc)

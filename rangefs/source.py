@@ -1,0 +1,741 @@
+"""HTTP access to remote objects: probing, and validated, bounded range requests.
+
+The only module of rangefs that imports httpx. One :class:`HttpSession` owns one
+``httpx.AsyncClient`` (one connection pool) for a whole mount or download; it probes objects
+(:meth:`HttpSession.probe`) and hands out one :class:`HttpReader` per object version.
+
+Rules this module keeps (DESIGN.md §2, seed W1-W3, W5, W7, W16, W17):
+
+- Every request carries ``Accept-Encoding: identity`` (httpx would ask for gzip) and a
+  non-identity ``Content-Encoding`` in an answer is refused.
+- Redirects are followed here, by hand: at most ``max_redirects`` hops, a loop is an error,
+  the final URL is pinned for ranged GETs (and resolved again from the original URL, once,
+  when a pinned target answers 403/404/410: presigned URLs expire). User headers
+  (``HttpOptions.headers``) and credentials from the URL's userinfo are sent only to the
+  origin (scheme, host, port) of the original URL.
+- A range answer is checked completely before its first byte is handed out: status,
+  ``Content-Range`` (start, end, total), ``Content-Length``, validator, encoding. Bodies are
+  bounded by the requested length; responses are always closed.
+- httpx exceptions and HTTP statuses become :mod:`rangefs.errors` classes here, with
+  ``raise ... from exc``: 408/429/5xx/transport/timeouts are ``TransientError`` (with the
+  server's ``Retry-After``, capped), other 4xx ``PermanentError``.
+- Messages name the object by its redacted URL (:func:`redact_url`) and the byte range; they
+  never contain credentials or header values, and nothing here logs headers.
+
+Everything is async and runs on the trio thread; cancellation at any ``await`` is safe and
+closes whatever response was open.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC
+from types import TracebackType
+from typing import Final, Protocol
+
+import httpx
+import trio
+
+from rangefs.digests import Digest, parse_legacy_digest, parse_repr_digest
+from rangefs.errors import (
+    PermanentError,
+    RangeNotSupported,
+    RemoteChanged,
+    SourceError,
+    TransientError,
+)
+from rangefs.ranges import ByteRange
+from rangefs.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+USER_AGENT: Final = "rangefs/0.1"
+#: Bytes per chunk handed out by :meth:`HttpReader.open_range` (the last may be shorter).
+CHUNK_SIZE: Final = 256 * 1024
+
+_REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+_HEAD_REFUSED: Final = frozenset({403, 405, 501})  # HEAD not allowed: probe with GET instead
+_EXPIRED: Final = frozenset({403, 404, 410})  # a pinned (presigned) target that went away
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+# After a complete body (or for a redirect / error answer), read at most this much more, for
+# at most this long, so the connection can go back to the pool; otherwise it is closed.
+_DRAIN_BYTES: Final = 64 * 1024
+_DRAIN_SECONDS: Final = 1.0
+
+_CONTENT_RANGE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19})", re.ASCII | re.IGNORECASE)
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d{1,19})", re.ASCII | re.IGNORECASE)
+_DIGITS = re.compile(r"\d+", re.ASCII)
+
+
+@dataclass(frozen=True)
+class RemoteInfo:
+    """What a probe learnt about one version of a remote object.
+
+    ``url`` is the final URL after redirects, without userinfo (it may still carry a
+    presigned query: show it only through :func:`redact_url`). ``size`` in bytes; ``mtime``
+    in seconds since the epoch (from ``Last-Modified``); ``accept_ranges`` is True when the
+    server advertises ``Accept-Ranges: bytes`` or answered a range request with 206.
+    """
+
+    url: str
+    size: int
+    etag: str | None
+    last_modified: str | None
+    mtime: float | None
+    accept_ranges: bool
+    digest: Digest | None
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    """Settings of one :class:`HttpSession`. Timeouts in seconds.
+
+    ``headers`` are sent with every request to the origin of the object's URL, never after
+    a redirect to another origin. ``read_timeout`` bounds each socket read (a stalled body),
+    and is also used for writes and for waiting for a free pooled connection.
+    ``retry_after_cap`` bounds the delay a server may ask for with ``Retry-After``.
+    """
+
+    headers: tuple[tuple[str, str], ...] = ()
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    max_connections: int = 64
+    max_redirects: int = 10
+    retry_after_cap: float = 120.0
+
+
+class Reader(Protocol):
+    """Ranged access to one version of one remote object (the fetcher's view).
+
+    ``name`` is the object's redacted URL, ``info`` the version being read.
+    ``open_range(rng)`` is an async context manager yielding an async iterator of ``bytes``
+    chunks that together are exactly the bytes of ``rng``, or that raises: the answer is
+    checked before the first chunk, and a body that ends early raises ``TransientError``
+    from the iterator. Exiting the context (normally, by an exception or by cancellation)
+    releases the request. Errors are :class:`rangefs.errors.SourceError` subclasses.
+    """
+
+    name: str
+    info: RemoteInfo
+
+    def open_range(self, rng: ByteRange) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Open ``rng`` (inclusive, within ``info.size``) for streaming; see the class."""
+        ...
+
+
+class HttpSession:
+    """Owns one ``httpx.AsyncClient``: probes objects and creates their readers.
+
+    Use as ``async with HttpSession(options) as session:`` (or call :meth:`aclose`). Every
+    method is called from the trio thread; readers share the session's connection pool.
+    ``transport`` replaces the network (tests pass an ``httpx.MockTransport``).
+    """
+
+    def __init__(
+        self,
+        options: HttpOptions | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.options = options if options is not None else HttpOptions()
+        opts = self.options
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            follow_redirects=False,
+            timeout=httpx.Timeout(
+                connect=opts.connect_timeout,
+                read=opts.read_timeout,
+                write=opts.read_timeout,
+                pool=opts.read_timeout,
+            ),
+            limits=httpx.Limits(
+                max_connections=opts.max_connections,
+                max_keepalive_connections=opts.max_connections,
+            ),
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+        )
+        self._header_secrets = [v for _, v in opts.headers if len(v) >= 4]
+
+    async def __aenter__(self) -> HttpSession:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool. Readers of this session are unusable afterwards."""
+        await self._client.aclose()
+
+    def reader(self, url: str, info: RemoteInfo) -> HttpReader:
+        """A reader of version ``info`` of the object at ``url`` (the original URL, as the
+        user gave it; ``info.url`` is where ranged GETs go first). PermanentError for a URL
+        that is not http(s)."""
+        return HttpReader(self, url, info)
+
+    # -- probing --------------------------------------------------------------------------
+
+    async def probe(self, url: str) -> RemoteInfo:
+        """Size, validators, digest and range support of the object at ``url``.
+
+        ``HEAD`` first; if the server refuses it (403/405/501), gives no usable
+        ``Content-Length``, or does not say whether it accepts ranges, one
+        ``GET Range: bytes=0-0`` decides (its ``Content-Range`` total is the size; a 200 gives
+        the size from ``Content-Length`` and ``accept_ranges=False``; 416 ``bytes */0`` is an
+        empty object). Raises TransientError / PermanentError.
+        """
+        original = _parse_url(url)
+        label = f"HEAD {redact_url(url)}"
+        response, final = await self._send("HEAD", original, original, {}, label)
+        try:
+            status, headers = response.status_code, response.headers
+            if status == 200:
+                length = _content_length_or_none(headers)
+                if not _identity_encoded(headers):
+                    reason = "HEAD answered with a Content-Encoding"
+                elif length is None:
+                    reason = "HEAD gave no usable Content-Length"
+                elif length == 0 or "accept-ranges" in headers:
+                    return self._info(final, length, headers, accept_ranges=_accepts_bytes(headers))
+                else:
+                    reason = "HEAD did not say whether ranges are accepted"
+            elif status in _HEAD_REFUSED or 200 <= status < 300:
+                reason = f"HEAD answered {status}"
+            else:
+                raise self._status_error(response, label, final, original)
+        finally:
+            await _discard(response)
+        log.debug("%s: %s; probing with GET bytes=0-0", label, reason)
+        return await self._probe_get(original)
+
+    async def _probe_get(self, original: httpx.URL) -> RemoteInfo:
+        label = f"GET {redact_url(str(original))} bytes=0-0"
+        response, final = await self._send("GET", original, original, {"Range": "bytes=0-0"}, label)
+        try:
+            status, headers = response.status_code, response.headers
+            at = _at(final, original)
+            if status in (200, 206):
+                self._require_identity(headers, label, at)
+            if status == 206:
+                parsed = _parse_content_range(headers.get("content-range"))
+                if parsed is None or parsed[:2] != (0, 0):
+                    raise PermanentError(
+                        f"{label}: 206 answer without a valid Content-Range for bytes 0-0{at}",
+                        status=status,
+                    )
+                return self._info(final, parsed[2], headers, accept_ranges=True)
+            if status == 200:
+                length = _content_length_or_none(headers)
+                if length is None:
+                    raise PermanentError(
+                        f"{label}: the server gives no size (no Content-Length, no "
+                        f"Content-Range){at}",
+                        status=status,
+                    )
+                return self._info(final, length, headers, accept_ranges=False)
+            if status == 416:
+                match = _UNSATISFIED_RANGE.fullmatch(headers.get("content-range", "").strip())
+                if match is not None and int(match[1]) == 0:
+                    return self._info(final, 0, headers, accept_ranges=_accepts_bytes(headers))
+                raise PermanentError(f"{label}: HTTP 416 for the first byte{at}", status=status)
+            raise self._status_error(response, label, final, original)
+        finally:
+            await _discard(response, limit=1)
+
+    def _info(
+        self, final: httpx.URL, size: int, headers: httpx.Headers, *, accept_ranges: bool
+    ) -> RemoteInfo:
+        last_modified = headers.get("last-modified") or None
+        digest = parse_repr_digest(headers.get("repr-digest"))
+        if digest is None:
+            digest = parse_legacy_digest(headers.get("digest"))
+        return RemoteInfo(
+            url=str(final),
+            size=size,
+            etag=headers.get("etag") or None,
+            last_modified=last_modified,
+            mtime=_http_date(last_modified),
+            accept_ranges=accept_ranges,
+            digest=digest,
+        )
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def _send(
+        self,
+        method: str,
+        url: httpx.URL,
+        original: httpx.URL,
+        headers: Mapping[str, str],
+        label: str,
+    ) -> tuple[httpx.Response, httpx.URL]:
+        """Send ``method`` to ``url``, following redirects; returns the first non-redirect
+        answer (streaming, open: the caller closes it) and the URL that gave it. User
+        headers and userinfo credentials of ``original`` go only to ``original``'s origin."""
+        url = _strip_userinfo(url)
+        seen = {str(url)}
+        hops = 0
+        while True:
+            response = await self._send_once(method, url, original, headers, label)
+            status = response.status_code
+            if status not in _REDIRECTS:
+                return response, url
+            location = response.headers.get("location")
+            await _discard(response)
+            if location is None:
+                raise PermanentError(
+                    f"{label}: HTTP {status} without a Location{_at(url, original)}",
+                    status=status,
+                )
+            try:
+                target = _strip_userinfo(url.join(location))
+            except httpx.InvalidURL as exc:
+                raise PermanentError(
+                    f"{label}: unusable redirect target{_at(url, original)}", status=status
+                ) from exc
+            if target.scheme not in _DEFAULT_PORTS:
+                raise PermanentError(
+                    f"{label}: redirect to a {target.scheme or 'relative'} URL{_at(url, original)}",
+                    status=status,
+                )
+            if str(target) in seen:
+                raise PermanentError(
+                    f"{label}: redirect loop at {redact_url(str(target))}", status=status
+                )
+            hops += 1
+            if hops > self.options.max_redirects:
+                limit = self.options.max_redirects
+                raise PermanentError(
+                    f"{label}: more than {limit} redirects{_at(url, original)}", status=status
+                )
+            seen.add(str(target))
+            log.debug("%s: %d redirect to %s", label, status, redact_url(str(target)))
+            url = target
+
+    async def _send_once(
+        self,
+        method: str,
+        url: httpx.URL,
+        original: httpx.URL,
+        extra: Mapping[str, str],
+        label: str,
+    ) -> httpx.Response:
+        same_origin = _origin(url) == _origin(original)
+        headers = httpx.Headers(list(self.options.headers) if same_origin else [])
+        for name, value in extra.items():
+            headers[name] = value
+        headers["Accept-Encoding"] = "identity"
+        auth: httpx.Auth | None = None
+        if same_origin and original.userinfo:
+            auth = httpx.BasicAuth(original.username, original.password)
+        request = self._client.build_request(method, _strip_userinfo(url), headers=headers)
+        try:
+            return await self._client.send(request, stream=True, auth=auth)
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc, label, url, original) from exc
+
+    def _require_identity(self, headers: httpx.Headers, label: str, at: str) -> None:
+        if not _identity_encoded(headers):
+            raise TransientError(
+                f"{label}: the server misbehaves: it sent an encoded body (Content-Encoding) "
+                f"although only identity was accepted{at}"
+            )
+
+    def _status_error(
+        self, response: httpx.Response, label: str, url: httpx.URL, original: httpx.URL
+    ) -> SourceError:
+        """The error for an unexpected status: 408/429/5xx transient, anything else permanent."""
+        status = response.status_code
+        text = f"{label}: HTTP {status} {response.reason_phrase}".rstrip()
+        if status in (408, 429) or status >= 500:
+            retry_after = _retry_after(
+                response.headers.get("retry-after"), self.options.retry_after_cap
+            )
+            if retry_after is not None:
+                text += f", retry after {retry_after:g} s"
+            return TransientError(text + _at(url, original), retry_after=retry_after)
+        return PermanentError(text + _at(url, original), status=status)
+
+    def _transport_error(
+        self, exc: httpx.TransportError, label: str, url: httpx.URL, original: httpx.URL
+    ) -> SourceError:
+        """A transport failure: permanent for an unusable URL or request, else transient."""
+        text = f"{label}: {self._describe(exc, url, original)}{_at(url, original)}"
+        if isinstance(exc, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
+            return PermanentError(text)
+        return TransientError(text)
+
+    def _describe(self, exc: BaseException, *urls: httpx.URL) -> str:
+        """Class name and message of ``exc`` with every credential we know of removed."""
+        name = type(exc).__name__
+        if isinstance(exc, httpx.LocalProtocolError | httpx.UnsupportedProtocol):
+            return name  # may quote our own URL or header values
+        text = str(exc)
+        secrets = list(self._header_secrets)
+        for url in urls:
+            secrets.extend(_url_secrets(url))
+        for secret in sorted(secrets, key=len, reverse=True):
+            text = text.replace(secret, "REDACTED")
+        return f"{name}: {text}" if text else name
+
+
+class HttpReader(Reader):
+    """Range requests for one version (``info``) of the object at one URL.
+
+    Created by :meth:`HttpSession.reader`; many tasks may use one reader at once (each
+    ``open_range`` is its own request). The pinned URL (``info.url`` at first) is replaced
+    when a redirect or a re-resolution finds another final URL.
+    """
+
+    def __init__(self, session: HttpSession, url: str, info: RemoteInfo) -> None:
+        self.name = redact_url(url)
+        self.info = info
+        self._session = session
+        self._original = _parse_url(url)
+        self._url = _strip_userinfo(_parse_url(info.url))
+        self._if_range = _if_range_value(info)
+
+    @asynccontextmanager
+    async def open_range(self, rng: ByteRange) -> AsyncIterator[AsyncIterator[bytes]]:
+        """``GET`` ``rng`` with ``Range``, ``If-Range`` (strong ETag, else Last-Modified) and
+        ``Accept-Encoding: identity``; yields the checked, bounded body (see :class:`Reader`).
+
+        Raises on entry: RemoteChanged (412, 416, other validator, size or total),
+        RangeNotSupported (200 to a partial request), TransientError (408/429/5xx, transport,
+        encoded body), PermanentError (other statuses, a malformed 206). The iterator raises
+        TransientError for a body cut short or a failure mid-body. ValueError if ``rng`` is
+        empty or not within the object.
+        """
+        if rng.start < 0 or rng.end < rng.start or rng.end >= self.info.size:
+            raise ValueError(f"{self.name}: range {rng} outside the object ({self.info.size} B)")
+        label = f"GET {self.name} {rng}"
+        headers = {"Range": f"bytes={rng.start}-{rng.end}"}
+        if self._if_range is not None:
+            headers["If-Range"] = self._if_range
+        response, url = await self._get(headers, label)
+        try:
+            at = _at(url, self._original)
+            try:
+                self._check(response, rng, label, url)
+            except SourceError:
+                await _discard(response)
+                raise
+            body = _Body(self._session, response, rng.size, label, at, url, self._original)
+            try:
+                yield body
+            except BaseException:
+                await body.aclose(drain=False)
+                raise
+            # Read the rest (empty for a correct server) so that the connection can be reused,
+            # but only if its length was declared (and checked): an undeclared rest may be
+            # anything, and closing the connection is cheaper than reading it.
+            await body.aclose(drain="content-length" in response.headers)
+        finally:
+            await response.aclose()
+
+    async def _get(
+        self, headers: Mapping[str, str], label: str
+    ) -> tuple[httpx.Response, httpx.URL]:
+        session, original, pinned = self._session, self._original, self._url
+        response, url = await session._send("GET", pinned, original, headers, label)
+        if response.status_code in _EXPIRED and pinned != original:
+            log.debug(
+                "%s: %s answered %d; resolving the original URL again",
+                label,
+                redact_url(str(url)),
+                response.status_code,
+            )
+            await _discard(response)
+            response, url = await session._send("GET", original, original, headers, label)
+        if response.status_code in (200, 206) and url != self._url:
+            self._url = url
+        return response, url
+
+    def _check(self, response: httpx.Response, rng: ByteRange, label: str, url: httpx.URL) -> None:
+        """Raise unless ``response`` is exactly the bytes of ``rng`` of our version."""
+        status, headers, size = response.status_code, response.headers, self.info.size
+        at = _at(url, self._original)
+        if status == 412:
+            raise RemoteChanged(f"{label}: the remote object changed (HTTP 412){at}")
+        if status == 416:
+            raise RemoteChanged(
+                f"{label}: the remote object changed (HTTP 416: the range is past its end){at}"
+            )
+        if status not in (200, 206):
+            raise self._session._status_error(response, label, url, self._original)
+        changed = self._validator_change(headers)
+        if changed is not None:
+            raise RemoteChanged(f"{label}: the remote object changed ({changed}){at}")
+        self._session._require_identity(headers, label, at)
+        try:
+            length = _content_length(headers)
+        except ValueError:
+            raise TransientError(
+                f"{label}: malformed Content-Length in the {status} answer{at}"
+            ) from None
+        parsed = _parse_content_range(headers.get("content-range"))
+        if status == 200:
+            if rng.start == 0 and rng.end == size - 1:
+                if length is not None and length != size:
+                    raise RemoteChanged(
+                        f"{label}: the remote object changed (the server sends {length} "
+                        f"bytes, expected {size}){at}"
+                    )
+                return  # the whole object was asked for, and that is what comes
+            if parsed == (rng.start, rng.end, size) and length == rng.size:
+                return  # a 200 that is in fact exactly the range (seed scenario 43)
+            raise RangeNotSupported(
+                f"{label}: the server ignored the Range and answered 200 with the whole object{at}"
+            )
+        if parsed is None:
+            raise TransientError(f"{label}: 206 answer without a valid Content-Range{at}")
+        start, end, total = parsed
+        if total != size:
+            raise RemoteChanged(
+                f"{label}: the remote object changed (the server says {total} bytes, "
+                f"expected {size}){at}"
+            )
+        if (start, end) != (rng.start, rng.end):
+            raise TransientError(f"{label}: the server sent bytes [{start}:{end}] instead{at}")
+        if length is not None and length != rng.size:
+            raise TransientError(
+                f"{label}: Content-Length {length} does not match the {rng.size} bytes of "
+                f"the Content-Range{at}"
+            )
+
+    def _validator_change(self, headers: httpx.Headers) -> str | None:
+        """What differs between the answer's validators and ``info``'s, or None."""
+        etag = headers.get("etag")
+        if etag and self.info.etag and etag != self.info.etag:
+            return "another ETag"
+        modified = headers.get("last-modified")
+        known = self.info.last_modified
+        if modified and known and modified != known:
+            when, known_when = _http_date(modified), _http_date(known)
+            if when is None or known_when is None or when != known_when:
+                return "another Last-Modified"
+        return None
+
+
+class _Body:
+    """The async iterator :meth:`HttpReader.open_range` yields: at most ``expected`` bytes
+    of ``response``'s raw body, in chunks of up to :data:`CHUNK_SIZE`."""
+
+    def __init__(
+        self,
+        session: HttpSession,
+        response: httpx.Response,
+        expected: int,
+        label: str,
+        at: str,
+        url: httpx.URL,
+        original: httpx.URL,
+    ) -> None:
+        self._session = session
+        self._chunks = response.aiter_raw(CHUNK_SIZE)
+        self._expected = expected
+        self._remaining = expected
+        self._label = label
+        self._at = at
+        self._urls = (url, original)
+        self._closed = False
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._closed:
+            raise RuntimeError(f"{self._label}: body used after its open_range() ended")
+        while self._remaining > 0:
+            try:
+                chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                received = self._expected - self._remaining
+                raise TransientError(
+                    f"{self._label}: short body: got {received} of {self._expected} bytes{self._at}"
+                ) from None
+            except httpx.TransportError as exc:
+                received = self._expected - self._remaining
+                detail = self._session._describe(exc, *self._urls)
+                raise TransientError(
+                    f"{self._label}: {detail} after {received} of {self._expected} bytes{self._at}"
+                ) from exc
+            if len(chunk) > self._remaining:
+                log.debug("%s: the body is longer than asked for; cut", self._label)
+                chunk = chunk[: self._remaining]
+            self._remaining -= len(chunk)
+            if chunk:
+                return chunk
+        raise StopAsyncIteration
+
+    async def aclose(self, *, drain: bool) -> None:
+        """Stop reading. With ``drain`` and every byte delivered, read the (normally empty)
+        rest of the body first, bounded, so that the connection can be reused."""
+        if self._closed:
+            return
+        self._closed = True
+        if drain and self._remaining == 0:
+            await _drain(self._chunks, _DRAIN_BYTES)
+        await _aclose_iterator(self._chunks)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+async def _discard(response: httpx.Response, *, limit: int = _DRAIN_BYTES) -> None:
+    """Read and drop at most about ``limit`` bytes of ``response``'s body, then close it."""
+    try:
+        if not response.is_stream_consumed:
+            chunks = response.aiter_raw()
+            try:
+                await _drain(chunks, limit)
+            finally:
+                await _aclose_iterator(chunks)
+    finally:
+        await response.aclose()
+
+
+async def _drain(chunks: AsyncIterator[bytes], limit: int) -> None:
+    """Consume ``chunks`` to its end unless that takes more than ``limit`` bytes or
+    :data:`_DRAIN_SECONDS`; errors are ignored (the caller closes the response anyway)."""
+    received = 0
+    with trio.move_on_after(_DRAIN_SECONDS):
+        try:
+            async for chunk in chunks:
+                received += len(chunk)
+                if received > limit:
+                    return
+        except httpx.TransportError as exc:
+            log.debug("discarding a body failed: %s", type(exc).__name__)
+
+
+async def _aclose_iterator(chunks: AsyncIterator[bytes]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _parse_url(url: str) -> httpx.URL:
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise PermanentError(f"{redact_url(url)}: not a valid URL") from exc
+    if parsed.scheme not in _DEFAULT_PORTS or not parsed.host:
+        raise PermanentError(f"{redact_url(url)}: not an http(s) URL")
+    return parsed
+
+
+def _strip_userinfo(url: httpx.URL) -> httpx.URL:
+    return url.copy_with(username=None, password=None) if url.userinfo else url
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
+
+
+def _at(url: httpx.URL, original: httpx.URL) -> str:
+    """`` (at REDACTED-URL)`` when a request went elsewhere than the original URL."""
+    if _strip_userinfo(url) == _strip_userinfo(original):
+        return ""
+    return f" (at {redact_url(str(url))})"
+
+
+def _url_secrets(url: httpx.URL) -> Iterable[str]:
+    """Every part of ``url`` that may be a credential (4 characters or more)."""
+    candidates = [url.username, url.password, url.userinfo.decode("ascii", "replace")]
+    query = url.query.decode("ascii", "replace")
+    candidates.append(query)
+    for parameter in query.split("&"):
+        name, sep, value = parameter.partition("=")
+        candidates.append(value if sep else name)
+    for _, value in url.params.multi_items():
+        candidates.append(value)
+    return [c for c in candidates if len(c) >= 4]
+
+
+def _if_range_value(info: RemoteInfo) -> str | None:
+    """The If-Range value for ``info``: a strong ETag, else Last-Modified, else None."""
+    if info.etag and not info.etag.startswith("W/"):
+        return info.etag
+    return info.last_modified or None
+
+
+def _identity_encoded(headers: httpx.Headers) -> bool:
+    encodings = [e.strip().lower() for e in headers.get("content-encoding", "").split(",")]
+    return all(e in ("", "identity") for e in encodings)
+
+
+def _accepts_bytes(headers: httpx.Headers) -> bool:
+    units = [u.strip().lower() for u in headers.get("accept-ranges", "").split(",")]
+    return "bytes" in units
+
+
+def _content_length(headers: httpx.Headers) -> int | None:
+    """``Content-Length`` as an int; None if absent, ValueError if malformed."""
+    value = headers.get("content-length")
+    if value is None:
+        return None
+    values = {v.strip() for v in value.split(",")}
+    if len(values) != 1:
+        raise ValueError("conflicting Content-Length values")
+    text = values.pop()
+    if not _DIGITS.fullmatch(text) or len(text) > 19:
+        raise ValueError("malformed Content-Length")
+    return int(text)
+
+
+def _content_length_or_none(headers: httpx.Headers) -> int | None:
+    try:
+        return _content_length(headers)
+    except ValueError:
+        return None
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int, int] | None:
+    """``bytes a-b/total`` as (a, b, total); None if absent, malformed or inconsistent."""
+    if value is None:
+        return None
+    match = _CONTENT_RANGE.fullmatch(value.strip())
+    if match is None:
+        return None
+    start, end, total = (int(g) for g in match.groups())
+    if end < start or end >= total:
+        return None
+    return start, end, total
+
+
+def _http_date(value: str | None) -> float | None:
+    """An HTTP date as seconds since the epoch; None if absent or unparseable."""
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _retry_after(value: str | None, cap: float) -> float | None:
+    """``Retry-After`` (delay-seconds or HTTP-date) in seconds, at most ``cap``; None if
+    absent or unusable (negative, garbage). A date in the past gives 0."""
+    if value is None:
+        return None
+    value = value.strip()
+    if _DIGITS.fullmatch(value):
+        return cap if len(value) > 12 else min(float(int(value)), cap)
+    when = _http_date(value)
+    if when is None:
+        return None
+    return min(max(0.0, when - time.time()), cap)

@@ -1,0 +1,32 @@
+"""Shared fixtures: the test origin (``tests/faultserver.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.faultserver import FaultServer
+
+
+@pytest.fixture
+def origin() -> Iterator[FaultServer]:
+    """A started in-process origin on 127.0.0.1; stopped (every thread joined) at teardown."""
+    with FaultServer() as server:
+        yield server
+
+
+@pytest.fixture
+def origin_factory() -> Iterator[Callable[[], FaultServer]]:
+    """Call it for each extra origin (e.g. a cross-origin redirect target); all are stopped
+    at teardown."""
+    servers: list[FaultServer] = []
+
+    def make() -> FaultServer:
+        server = FaultServer().start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()

@@ -1,0 +1,210 @@
+"""ObjectFetcher: single flight, coalescing, demand first, retries, fill (no sockets)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from rangefs.cache import LocalDownloadCache
+from rangefs.cachefiles import ObjectIdentity
+from rangefs.errors import (
+    PermanentError,
+    RemoteChanged,
+    RetriesExhausted,
+    TransientError,
+)
+from rangefs.fetcher import ObjectFetcher
+from rangefs.ratecontrol import BackoffPolicy, Limiter
+from tests.content import check
+from tests.fakereader import FakeReader, ShortBody
+
+BS = 4096
+
+
+def make_cache(tmp_path: Path, size: int, bs: int = BS) -> LocalDownloadCache:
+    identity = ObjectIdentity(url="fake://obj", size=size, block_size=bs, etag='"v1"',
+                              last_modified=None)
+    return LocalDownloadCache.open(tmp_path / "obj", identity)
+
+
+class Harness:
+    def __init__(self, cache: LocalDownloadCache, reader: FakeReader, fetcher: ObjectFetcher,
+                 changed: list[RemoteChanged]) -> None:
+        self.cache = cache
+        self.reader = reader
+        self.fetcher = fetcher
+        self.changed = changed
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    params = getattr(request, "param", {})
+    size = params.get("size", 100 * BS + 123)
+    cache = make_cache(tmp_path, size)
+    reader = FakeReader("obj", size)
+    changed: list[RemoteChanged] = []
+    fetcher = ObjectFetcher(
+        cache,
+        reader,
+        limiter=Limiter(),
+        backoff=BackoffPolicy(initial=0.1, maximum=1.0, steps=params.get("steps", 4)),
+        demand_slots=trio.CapacityLimiter(4),
+        fill_slots=trio.CapacityLimiter(params.get("fill_slots", 4)),
+        demand_request_bytes=16 * BS,
+        fill_request_bytes=8 * BS,
+        on_remote_changed=changed.append,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.run)
+        yield Harness(cache, reader, fetcher, changed)
+        nursery.cancel_scope.cancel()
+    cache.close()
+
+
+def check_cached(h: Harness, first: int, last: int) -> None:
+    bs = h.cache.block_size
+    start = first * bs
+    end = min((last + 1) * bs, h.cache.size)
+    check("obj", start, h.cache.read_at(start, end - start))
+
+
+async def test_fetch_coalesces_adjacent_missing_blocks(harness: Harness) -> None:
+    await harness.fetcher.fetch(3, 10)
+    assert [(r.start, r.end) for r in harness.reader.requests] == [(3 * BS, 11 * BS - 1)]
+    check_cached(harness, 3, 10)
+    assert not harness.cache.is_cached(2) and not harness.cache.is_cached(11)
+
+
+async def test_fetch_splits_runs_at_the_demand_limit(harness: Harness) -> None:
+    await harness.fetcher.fetch(0, 39)
+    assert sorted(r.size for r in harness.reader.requests) == [8 * BS, 16 * BS, 16 * BS]
+    check_cached(harness, 0, 39)
+
+
+async def test_fetch_asks_only_for_missing_blocks(harness: Harness) -> None:
+    await harness.fetcher.fetch(5, 5)
+    await harness.fetcher.fetch(7, 7)
+    harness.reader.requests.clear()
+    await harness.fetcher.fetch(4, 8)
+    assert sorted((r.start, r.end) for r in harness.reader.requests) == [
+        (4 * BS, 5 * BS - 1), (6 * BS, 7 * BS - 1), (8 * BS, 9 * BS - 1)]
+    check_cached(harness, 4, 8)
+
+
+async def test_last_partial_block(harness: Harness) -> None:
+    last = harness.cache.num_blocks - 1
+    await harness.fetcher.fetch(last - 1, last)
+    check_cached(harness, last - 1, last)
+    assert harness.reader.requests[-1].end == harness.cache.size - 1
+
+
+async def test_single_flight_for_many_readers(harness: Harness) -> None:
+    harness.reader.gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(harness.fetcher.fetch, 10, 12)
+        await trio.testing.wait_all_tasks_blocked()
+        harness.reader.gate.set()
+    assert len(harness.reader.requests) == 1
+    check_cached(harness, 10, 12)
+
+
+async def test_a_reader_that_gives_up_does_not_cancel_the_flight(harness: Harness) -> None:
+    harness.reader.gate = trio.Event()
+    with trio.move_on_after(0.05):
+        await harness.fetcher.fetch(20, 21)
+    assert not harness.cache.is_cached(20)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(harness.fetcher.fetch, 20, 21)
+        await trio.testing.wait_all_tasks_blocked()
+        harness.reader.gate.set()
+    assert len(harness.reader.requests) == 1
+    check_cached(harness, 20, 21)
+
+
+async def test_transient_errors_are_retried(harness: Harness, autojump_clock: object) -> None:
+    harness.reader.faults = [TransientError("503"), TransientError("reset", retry_after=2.0)]
+    start = trio.current_time()
+    await harness.fetcher.fetch(0, 1)
+    assert len(harness.reader.requests) == 3
+    assert harness.fetcher.stats.retries == 2
+    assert trio.current_time() - start >= 2.0  # Retry-After honoured
+    check_cached(harness, 0, 1)
+
+
+async def test_retry_resumes_after_the_last_whole_block(harness: Harness) -> None:
+    harness.reader.faults = [ShortBody(after=2 * BS + 100)]
+    await harness.fetcher.fetch(0, 4)
+    assert [(r.start, r.end) for r in harness.reader.requests] == [
+        (0, 5 * BS - 1), (2 * BS, 5 * BS - 1)]
+    check_cached(harness, 0, 4)
+
+
+@pytest.mark.parametrize("harness", [{"steps": 2}], indirect=True)
+async def test_retries_exhausted(harness: Harness, autojump_clock: object) -> None:
+    harness.reader.faults = [TransientError("503")] * 10
+    with pytest.raises(RetriesExhausted):
+        await harness.fetcher.fetch(0, 0)
+    assert len(harness.reader.requests) == 3
+    harness.reader.faults = []
+    await harness.fetcher.fetch(0, 0)  # a later reader starts a new flight
+    check_cached(harness, 0, 0)
+
+
+async def test_permanent_error_is_not_retried(harness: Harness) -> None:
+    harness.reader.faults = [PermanentError("404", status=404)]
+    with pytest.raises(PermanentError):
+        await harness.fetcher.fetch(0, 0)
+    assert len(harness.reader.requests) == 1
+
+
+async def test_remote_changed_stops_the_object(harness: Harness) -> None:
+    harness.reader.faults = [RemoteChanged("etag differs")]
+    with pytest.raises(RemoteChanged):
+        await harness.fetcher.fetch(0, 0)
+    assert len(harness.changed) == 1
+    with pytest.raises(RemoteChanged):
+        await harness.fetcher.fetch(1, 1)
+    assert len(harness.reader.requests) == 1
+    assert not harness.fetcher.healthy()
+
+
+async def test_fill_fetches_every_block_once(harness: Harness) -> None:
+    await harness.fetcher.fetch(50, 52)
+    await harness.fetcher.fill(4)
+    assert harness.cache.complete()
+    assert harness.reader.bytes_requested() == harness.cache.size
+    check_cached(harness, 0, harness.cache.num_blocks - 1)
+
+
+@pytest.mark.parametrize("harness", [{"fill_slots": 1}], indirect=True)
+async def test_demand_does_not_wait_behind_fill(harness: Harness) -> None:
+    harness.reader.gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(harness.fetcher.fill, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        # the only fill slot is busy on a held flight; a reader elsewhere is served anyway
+        fill_request = harness.reader.requests[0]
+        harness.reader.gate = None
+        await harness.fetcher.fetch(90, 90)
+        assert harness.cache.is_cached(90)
+        assert fill_request.start // BS != 90
+        nursery.cancel_scope.cancel()
+
+
+async def test_prefetch_starts_background_flights(harness: Harness) -> None:
+    harness.fetcher.prefetch(30, 45)
+    await harness.fetcher.fetch(30, 45)
+    assert harness.reader.bytes_requested() == 16 * BS
+    check_cached(harness, 30, 45)
+
+
+@pytest.mark.parametrize("harness", [{"size": 0}], indirect=True)
+async def test_empty_object(harness: Harness) -> None:
+    await harness.fetcher.fill(2)
+    assert harness.cache.complete()
+    assert harness.reader.requests == []

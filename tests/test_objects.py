@@ -1,0 +1,235 @@
+"""The object layer against a real origin on 127.0.0.1 (no kernel): reads, resume,
+changed remotes, digests, failures."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path, PurePosixPath
+
+import pytest
+import trio
+
+from rangefs.digests import Digest
+from rangefs.errors import DigestMismatch, ReadTimeout, RemoteChanged, RetriesExhausted
+from rangefs.objects import MountedObject, ObjectStore, Prefetch, StoreConfig
+from rangefs.ratecontrol import BackoffPolicy
+from rangefs.urllist import Entry
+from tests.content import check, digest_of
+from tests.faultserver import Fault, FaultServer
+
+BS = 64 << 10
+FAST = BackoffPolicy(initial=0.01, maximum=0.05, steps=3)
+
+
+def entry(server: FaultServer, path: str, **kw: object) -> Entry:
+    return Entry(url=server.url(path), path=PurePosixPath(path.strip("/")),
+                 digest=kw.get("digest"), size=kw.get("size"), line=1)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def running(entries: list[Entry], cache_dir: Path,
+                  **kw: object) -> AsyncIterator[Callable[[Entry], MountedObject]]:
+    kw.setdefault("backoff", FAST)
+    config = StoreConfig(cache_dir=cache_dir, block_size=BS, **kw)  # type: ignore[arg-type]
+    store = ObjectStore(entries, config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        yield store.get
+        nursery.cancel_scope.cancel()
+
+
+async def read_all(obj: MountedObject, chunk: int = 128 << 10) -> bytes:
+    handle = await obj.open()
+    out = bytearray()
+    while True:
+        data = await handle.read(len(out), chunk)
+        if not data:
+            break
+        out += data
+    handle.release()
+    return bytes(out)
+
+
+async def test_random_reads_are_exact(origin: FaultServer, tmp_path: Path) -> None:
+    size = 3 * 1024 * 1024 + 333
+    origin.add("/a", size)
+    e = entry(origin, "/a")
+    async with running([e], tmp_path, prefetch=Prefetch.NONE) as get:
+        obj = get(e)
+        assert (await obj.attrs()).size == size
+        handle = await obj.open()
+        rnd = random.Random(1)
+        for _ in range(200):
+            off = rnd.randrange(0, size + 10)
+            n = rnd.choice([1, 7, 4096, BS - 1, BS + 1, 300_000])
+            data = await handle.read(off, n)
+            assert len(data) == max(0, min(n, size - off))
+            check("/a", off, data)
+        handle.release()
+    # each block was asked for at most once
+    got = sorted(r.range or "" for r in origin.gets("/a"))
+    assert len(got) == len(set(got))
+
+
+async def test_remount_serves_cached_blocks_without_the_origin(
+    origin: FaultServer, tmp_path: Path
+) -> None:
+    size = 1 << 20
+    origin.add("/a", size)
+    e = entry(origin, "/a")
+    async with running([e], tmp_path) as get:
+        check("/a", 0, await read_all(get(e)))
+    origin.stop()
+    async with running([e], tmp_path) as get:
+        obj = get(e)
+        assert obj.attrs_nowait() is not None  # remembered: no probe needed
+        check("/a", 0, await read_all(obj))
+
+
+async def test_remount_fetches_only_missing_blocks(origin: FaultServer, tmp_path: Path) -> None:
+    size = 1 << 20
+    origin.add("/a", size)
+    e = entry(origin, "/a")
+    async with running([e], tmp_path, prefetch=Prefetch.NONE) as get:
+        handle = await get(e).open()
+        check("/a", 0, await handle.read(0, 4 * BS))
+        handle.release()
+    origin.reset_log()
+    async with running([e], tmp_path, prefetch=Prefetch.NONE) as get:
+        data = await read_all(get(e))
+    check("/a", 0, data)
+    assert origin.bytes_sent("/a") <= size - 4 * BS + 4096  # (+ at most a probe's byte)
+
+
+async def test_background_fill_completes_the_object(origin: FaultServer, tmp_path: Path) -> None:
+    size = 2 * 1024 * 1024 + 5
+    origin.add("/a", size)
+    e = entry(origin, "/a")
+    async with running([e], tmp_path, prefetch=Prefetch.OPEN) as get:
+        obj = get(e)
+        handle = await obj.open()
+        check("/a", 100, await handle.read(100, 10))
+        with trio.fail_after(20):
+            while obj.xattrs()["user.rangefs.complete"] != b"1":
+                await trio.sleep(0.01)
+        handle.release()
+    assert sum(r.bytes_sent for r in origin.gets("/a")) <= size + 4096
+
+
+async def test_transient_faults_are_retried(origin: FaultServer, tmp_path: Path) -> None:
+    size = 1 << 20
+    origin.add("/a", size)
+    origin.faults("/a", [Fault("status", status=503, retry_after=0, method="GET"),
+                         Fault("reset_body", after=1000), Fault("short_body", after=70000),
+                         Fault("status", status=500), Fault("wrong_start")])
+    e = entry(origin, "/a")
+    async with running([e], tmp_path, prefetch=Prefetch.NONE,
+                       backoff=BackoffPolicy(initial=0.01, maximum=0.05, steps=8)) as get:
+        check("/a", 0, await read_all(get(e)))
+
+
+async def test_permanent_failure_fails_the_read_and_others_work(
+    origin: FaultServer, tmp_path: Path
+) -> None:
+    origin.add("/a", 1 << 20)
+    origin.add("/b", 1 << 20)
+    a, b = entry(origin, "/a"), entry(origin, "/b")
+    async with running([a, b], tmp_path, prefetch=Prefetch.NONE) as get:
+        handle = await get(a).open()
+        origin.faults("/a", [Fault("status", status=503)] * 20)
+        with pytest.raises(RetriesExhausted):
+            await handle.read(0, 10)
+        check("/b", 0, await read_all(get(b)))
+
+
+async def test_read_timeout(origin: FaultServer, tmp_path: Path) -> None:
+    origin.add("/a", 1 << 20)
+    e = entry(origin, "/a")
+    async with running([e], tmp_path, prefetch=Prefetch.NONE, read_timeout=0.3) as get:
+        handle = await get(e).open()
+        origin.faults("/a", [Fault("stall", after=0, seconds=3)])
+        with pytest.raises(ReadTimeout):
+            await handle.read(0, 10)
+
+
+async def test_changed_remote_never_mixes_versions(origin: FaultServer, tmp_path: Path) -> None:
+    size = 1 << 20
+    origin.add("/a", size, key="v1")
+    e = entry(origin, "/a")
+    async with running([e], tmp_path, prefetch=Prefetch.NONE) as get:
+        obj = get(e)
+        handle = await obj.open()
+        check("v1", 0, await handle.read(0, BS))
+        origin.set_version("/a", etag='"v2"', key="v2")
+        with pytest.raises(RemoteChanged):
+            await handle.read(5 * BS, BS)  # If-Range fails: the old handle gets an error
+        with trio.fail_after(10):
+            while True:  # the object switches to the new version in the background
+                try:
+                    new = await obj.open()
+                    data = await new.read(0, 2 * BS)
+                    break
+                except RemoteChanged:
+                    await trio.sleep(0.02)
+        check("v2", 0, data)
+        with pytest.raises(RemoteChanged):
+            await handle.read(0, 10)
+
+
+async def test_changed_remote_between_mounts(origin: FaultServer, tmp_path: Path) -> None:
+    size = 1 << 20
+    origin.add("/a", size, key="v1")
+    e = entry(origin, "/a")
+    async with running([e], tmp_path, prefetch=Prefetch.NONE) as get:
+        handle = await get(e).open()
+        check("v1", 0, await handle.read(0, 4 * BS))
+    origin.set_version("/a", etag='"v2"', key="v2")
+    async with running([e], tmp_path, prefetch=Prefetch.NONE) as get:
+        obj = get(e)
+        with trio.fail_after(10):
+            while True:
+                try:
+                    handle = await obj.open()
+                    await trio.sleep(0.05)  # background revalidation
+                    data = await handle.read(0, 4 * BS)
+                    break
+                except RemoteChanged:
+                    continue
+        check("v2", 0, data)
+
+
+async def test_digest_verified(origin: FaultServer, tmp_path: Path) -> None:
+    size = 300_000
+    origin.add("/good", size)
+    origin.add("/bad", size)
+    good = entry(origin, "/good", digest=Digest("sha256", digest_of("/good", size)))
+    bad = entry(origin, "/bad", digest=Digest("sha256", bytes(32)))
+    async with running([good, bad], tmp_path) as get:
+        check("/good", 0, await read_all(get(good)))
+        with trio.fail_after(10):
+            while get(good).xattrs()["user.rangefs.verified"] != b"ok":
+                await trio.sleep(0.01)
+        handle = await get(bad).open()
+        with trio.fail_after(10):
+            while get(bad).xattrs()["user.rangefs.verified"] != b"mismatch":
+                await trio.sleep(0.01)
+        with pytest.raises(DigestMismatch):
+            await handle.read(0, 10)
+
+
+async def test_empty_object(origin: FaultServer, tmp_path: Path) -> None:
+    origin.add("/empty", 0)
+    e = entry(origin, "/empty")
+    async with running([e], tmp_path) as get:
+        assert (await get(e).attrs()).size == 0
+        assert await read_all(get(e)) == b""
+
+
+async def test_size_from_the_list_needs_no_probe(origin: FaultServer, tmp_path: Path) -> None:
+    origin.add("/a", 5000)
+    e = entry(origin, "/a", size=5000)
+    async with running([e], tmp_path) as get:
+        assert (await get(e).attrs()).size == 5000
+    assert origin.log == []
