@@ -369,6 +369,8 @@ class DownloadOptions:
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     digest: Digest | None = None  # expected digest (e.g. --sha256); else the server's
     force: bool = False  # overwrite an existing DEST
+    max_passes: int = 5  # passes over the outstanding blocks before giving up
+    pass_delay: float = 1.0  # seconds before the second pass; doubles, at most 60
 
 
 @dataclass(frozen=True)
@@ -426,6 +428,8 @@ async def download_file(
                 limiter=Limiter(bytes_per_second=options.max_rate),
                 backoff=options.backoff,
                 wait_for_completion=True,
+                max_passes=options.max_passes,
+                pass_delay=options.pass_delay,
                 progress=progress,
             )
             status = await downloader.run()

@@ -34,7 +34,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
 from types import TracebackType
 from typing import Final, Protocol
@@ -102,7 +102,7 @@ class HttpOptions:
     ``retry_after_cap`` bounds the delay a server may ask for with ``Retry-After``.
     """
 
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # secrets: no repr
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     max_connections: int = 64

@@ -40,6 +40,13 @@ async def running(entries: list[Entry], cache_dir: Path,
         nursery.cancel_scope.cancel()
 
 
+async def wait_until(predicate: Callable[[], bool], timeout: float = 20) -> None:
+    """Poll ``predicate`` (state owned by the store's own tasks) until true or timeout."""
+    with trio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 - polling state that has no event
+            await trio.sleep(0.01)
+
+
 async def read_all(obj: MountedObject, chunk: int = 128 << 10) -> bytes:
     handle = await obj.open()
     out = bytearray()
@@ -111,9 +118,7 @@ async def test_background_fill_completes_the_object(origin: FaultServer, tmp_pat
         obj = get(e)
         handle = await obj.open()
         check("/a", 100, await handle.read(100, 10))
-        with trio.fail_after(20):
-            while obj.xattrs()["user.rangefs.complete"] != b"1":
-                await trio.sleep(0.01)
+        await wait_until(lambda: obj.xattrs()["user.rangefs.complete"] == b"1")
         handle.release()
     assert sum(r.bytes_sent for r in origin.gets("/a")) <= size + 4096
 
@@ -208,13 +213,9 @@ async def test_digest_verified(origin: FaultServer, tmp_path: Path) -> None:
     bad = entry(origin, "/bad", digest=Digest("sha256", bytes(32)))
     async with running([good, bad], tmp_path) as get:
         check("/good", 0, await read_all(get(good)))
-        with trio.fail_after(10):
-            while get(good).xattrs()["user.rangefs.verified"] != b"ok":
-                await trio.sleep(0.01)
+        await wait_until(lambda: get(good).xattrs()["user.rangefs.verified"] == b"ok")
         handle = await get(bad).open()
-        with trio.fail_after(10):
-            while get(bad).xattrs()["user.rangefs.verified"] != b"mismatch":
-                await trio.sleep(0.01)
+        await wait_until(lambda: get(bad).xattrs()["user.rangefs.verified"] == b"mismatch")
         with pytest.raises(DigestMismatch):
             await handle.read(0, 10)
 

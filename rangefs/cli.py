@@ -1,0 +1,376 @@
+"""The ``rangefs`` command line: argv/env -> config, logging set-up, exit codes.
+
+Exit codes: 0 ok (also after SIGTERM/SIGHUP or an outside unmount), 1 runtime failure,
+2 usage (bad option, bad URL list, bad mount point, unusable cache directory),
+130 interrupted by SIGINT. Errors are one line on stderr, prefixed ``rangefs:``.
+Header values (credentials) are never logged nor echoed in an error message.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import logging.handlers
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+import trio
+
+from . import service
+from .errors import CacheLocked, RangefsError, UsageError
+from .mount import MountConfig, check_mountpoint, run_mount
+from .objects import Prefetch, StoreConfig
+from .source import HttpOptions
+from .urllist import read_url_list
+
+log = logging.getLogger("rangefs.cli")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_SIGINT = 130
+
+MIN_BLOCK_SIZE = 4 << 10
+MAX_BLOCK_SIZE = 64 << 20
+DEFAULT_BLOCK_SIZE = 1 << 20
+DEFAULT_CONCURRENCY = 16
+DEFAULT_READ_TIMEOUT = 60.0
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_FORBIDDEN_HEADERS = frozenset({"range", "if-range", "accept-encoding", "host", "content-length"})
+
+
+# -- values ------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '20G', '1M', '256K', '1.5GiB', '4096' (binary units). ValueError."""
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size (examples: 4096, 256K, 1M, 20G)")
+    number, unit = match.groups()
+    value = float(number) * _UNITS[unit.lower()]
+    if value != int(value):
+        raise ValueError(f"{text!r} is not a whole number of bytes")
+    return int(value)
+
+
+if TYPE_CHECKING:  # click >= 8.2 types ParamType as a generic; older click is not subscriptable
+    _IntParamType = click.ParamType[int]
+else:
+    _IntParamType = click.ParamType
+
+
+class SizeType(_IntParamType):
+    """A byte count with an optional binary unit suffix (K, M, G, T; KiB/KB also taken)."""
+
+    name = "SIZE"
+
+    def __init__(self, *, minimum: int = 0, power_of_two: bool = False,
+                 maximum: int | None = None) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self.power_of_two = power_of_two
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            size = value
+        else:
+            try:
+                size = parse_size(str(value))
+            except ValueError as exc:
+                self.fail(str(exc), param, ctx)
+        if size < self.minimum:
+            self.fail(f"{value} is below the minimum of {_human(self.minimum)}", param, ctx)
+        if self.maximum is not None and size > self.maximum:
+            self.fail(f"{value} is above the maximum of {_human(self.maximum)}", param, ctx)
+        if self.power_of_two and size & (size - 1):
+            self.fail(f"{value} is not a power of two (e.g. 64K, 1M, 4M)", param, ctx)
+        return size
+
+
+def _human(size: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if size >= _UNITS[unit.lower()] and size % _UNITS[unit.lower()] == 0:
+            return f"{size // _UNITS[unit.lower()]}{unit}"
+    return str(size)
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """('Name', 'value') from 'Name: value'. ValueError whose message never has the value."""
+    name, sep, value = text.partition(":")
+    name = name.strip()
+    if not sep or not _TOKEN_RE.match(name):
+        raise ValueError("a header must look like 'Name: value'")
+    if name.lower() in _FORBIDDEN_HEADERS:
+        raise ValueError(f"header {name} is set by rangefs itself and cannot be given")
+    value = value.strip()
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"header {name} has a line break or NUL in its value")
+    return name, value
+
+
+def read_header_file(path: str) -> list[tuple[str, str]]:
+    """Headers from a file: 'Name: value' a line, blank lines and '#' comments skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read header file {path}: {exc}") from None
+    headers = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            headers.append(parse_header(line))
+        except ValueError as exc:
+            raise UsageError(f"{path}:{number}: {exc}") from None
+    return headers
+
+
+def default_cache_dir(environ: dict[str, str] | os._Environ[str] | None = None) -> Path:
+    """$XDG_CACHE_HOME/rangefs, else ~/.cache/rangefs."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rangefs"
+
+
+def prepare_cache_dir(path: Path) -> Path:
+    """Create the cache directory (0700) if needed; UsageError if it cannot be used."""
+    path = path.absolute()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cache directory {path} cannot be created ({exc.strerror}): "
+            "choose another with --cache-dir"
+        ) from None
+    if not path.is_dir():
+        raise UsageError(
+            f"cache directory {path} is not a directory: choose another with --cache-dir"
+        )
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise UsageError(
+            f"cache directory {path} is not writable: choose another with --cache-dir"
+        )
+    return path
+
+
+# -- logging -----------------------------------------------------------------------------
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_QUIET_LIBRARIES = ("httpx", "httpcore", "pyfuse3", "hpack")
+
+
+def setup_logging(*, verbose: int, debug: bool, log_file: str | None) -> None:
+    """Root logging: WARNING, -v INFO, -vv or --debug DEBUG. httpx & co. stay at WARNING
+    unless --debug. Handlers: stderr, plus ``log_file`` if given."""
+    level = logging.DEBUG if debug or verbose >= 2 else logging.INFO if verbose else logging.WARNING
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    formatter = logging.Formatter(_FORMAT)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(formatter)
+    root.addHandler(stderr)
+    if log_file is not None:
+        try:
+            file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot open log file {log_file}: {exc.strerror}") from None
+        file_handler.setFormatter(formatter)
+        root.addHandler(file_handler)
+    root.setLevel(level)
+    for name in _QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def _log_to_syslog_when_detached() -> None:
+    """A daemon without --log-file keeps its log in syslog (stderr goes to /dev/null)."""
+    if not os.path.exists("/dev/log"):
+        return
+    try:
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    except OSError:
+        return
+    handler.setFormatter(
+        logging.Formatter("rangefs[%(process)d]: %(levelname)s %(name)s: %(message)s")
+    )
+    logging.getLogger().addHandler(handler)
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int, daemon: service.Daemon | None = None) -> NoReturn:
+    """One line on stderr (or, in a daemon child not yet ready, to the waiting parent)."""
+    line = f"rangefs: {message}"
+    if daemon is None or not daemon.fail(line):
+        click.echo(line, err=True)
+        if daemon is not None:  # detached: stderr is /dev/null
+            log.error("%s", message)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="rangefs", prog_name="rangefs")
+def rangefs() -> None:
+    """Read-only FUSE file system and downloader for large objects behind HTTP URLs,
+    served from a resumable local block cache filled with HTTP range requests."""
+
+
+@rangefs.command("mount")
+@click.argument("urllist", metavar="URLLIST")
+@click.argument("mountpoint", metavar="MOUNTPOINT")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              envvar="RANGEFS_CACHE_DIR", show_envvar=True,
+              help="Directory of the block cache (kept across mounts).  "
+                   "[default: $XDG_CACHE_HOME/rangefs, else ~/.cache/rangefs]")
+@click.option("--cache-size", type=SizeType(minimum=1), default=None, metavar="SIZE",
+              help="Budget for the cache directory in bytes (suffixes K, M, G, T = powers of "
+                   "1024, e.g. 20G); least recently used objects are evicted beyond it.  "
+                   "[default: unlimited]")
+@click.option("--block-size", type=SizeType(minimum=MIN_BLOCK_SIZE, maximum=MAX_BLOCK_SIZE,
+                                            power_of_two=True),
+              default="1M", show_default=True, metavar="SIZE",
+              help="Cache block size in bytes: a power of two from 4K to 64M (e.g. 256K, 1M). "
+                   "The unit of fetching and of the cache index.")
+@click.option("--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_CONCURRENCY,
+              show_default=True, metavar="N",
+              help="Concurrent HTTP range requests for background fill, over all objects.")
+@click.option("--max-rate", type=SizeType(minimum=1), default=None, metavar="SIZE",
+              help="Download rate limit over all objects, in bytes per second (e.g. 50M = "
+                   "50 MiB/s).  [default: unlimited]")
+@click.option("--prefetch", type=click.Choice([p.value for p in Prefetch]), default="open",
+              show_default=True,
+              help="Background fill: 'open' fills every opened file completely, 'none' only "
+                   "fetches what readers ask for (plus read-ahead), 'all' fills every object "
+                   "of the list from mount time.")
+@click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_READ_TIMEOUT, show_default=True, metavar="SECONDS",
+              help="How long a read() waits for its blocks before failing with EIO (the mount "
+                   "stays up and the fetch may go on).")
+@click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
+              help="HTTP header sent with every request (repeatable), e.g. "
+                   "'Authorization: Bearer ...'. Never logged; visible in ps: prefer "
+                   "--header-file for secrets. Dropped on redirects to another origin.")
+@click.option("--header-file", type=click.Path(dir_okay=False), envvar="RANGEFS_HEADER_FILE",
+              show_envvar=True, default=None,
+              help="File of HTTP headers, one 'Name: value' a line ('#' comments allowed), "
+                   "added to those of --header.")
+@click.option("--allow-other", is_flag=True,
+              help="Let other users access the mount (needs user_allow_other in "
+                   "/etc/fuse.conf when not root).  [default: only the mounting user]")
+@click.option("-f", "--foreground", is_flag=True,
+              help="Stay in the foreground until unmounted (for systemd Type=notify and "
+                   "debugging).  [default: return once the mount is ready and keep serving it "
+                   "in the background]")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Append the log to this file.  [default: stderr; syslog once in the "
+                   "background]")
+@click.option("-v", "--verbose", count=True,
+              help="More log output: -v info, -vv debug.  [default: warnings and errors only]")
+@click.option("--debug", is_flag=True,
+              help="Debug everything, including HTTP client and libfuse request traces.")
+def mount_command(
+    urllist: str,
+    mountpoint: str,
+    cache_dir: Path | None,
+    cache_size: int | None,
+    block_size: int,
+    concurrency: int,
+    max_rate: int | None,
+    prefetch: str,
+    read_timeout: float,
+    headers: Sequence[str],
+    header_file: str | None,
+    allow_other: bool,
+    foreground: bool,
+    log_file: str | None,
+    verbose: int,
+    debug: bool,
+) -> None:
+    """Mount every URL of URLLIST as a read-only file under MOUNTPOINT.
+
+    URLLIST has one 'URL [PATH] [sha256:HEX | size=N]' entry a line ('#' comments); '-'
+    reads it from standard input. MOUNTPOINT must be an empty directory. Unmount with
+    'fusermount3 -u MOUNTPOINT' (or SIGTERM to the rangefs process).
+    """
+    daemon: service.Daemon | None = None
+    try:
+        setup_logging(verbose=verbose, debug=debug, log_file=log_file)
+        header_list: list[tuple[str, str]] = []
+        for text in headers:
+            try:
+                header_list.append(parse_header(text))
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="'--header'") from None
+        if header_file is not None:
+            header_list.extend(read_header_file(header_file))
+        entries = read_url_list(urllist)
+        target = Path(mountpoint).absolute()
+        service.clear_stale_mount(target)  # only a rangefs mount whose process is gone
+        check_mountpoint(target)
+        cache = prepare_cache_dir(cache_dir if cache_dir is not None else default_cache_dir())
+        config = MountConfig(
+            urllist=urllist,
+            mountpoint=target,
+            store=StoreConfig(
+                cache_dir=cache,
+                block_size=block_size,
+                concurrency=concurrency,
+                max_rate=float(max_rate) if max_rate is not None else None,
+                prefetch=Prefetch(prefetch),
+                read_timeout=read_timeout,
+                http=HttpOptions(headers=tuple(header_list)),
+                cache_size=cache_size,
+            ),
+            allow_other=allow_other,
+            debug_fuse=debug,
+            foreground=foreground,
+        )
+        if not foreground:
+            daemon = service.Daemon()
+            daemon.fork()  # the parent exits inside, with the child's outcome
+            if log_file is None:
+                _log_to_syslog_when_detached()
+        on_ready = _ready_callback(daemon)
+        trio.run(functools.partial(run_mount, config, entries, on_ready=on_ready))
+    except (UsageError, CacheLocked) as exc:  # UrlListError too; CacheLocked: another cache
+        _fail(str(exc), EXIT_USAGE, daemon)
+    except RangefsError as exc:
+        _fail(str(exc), EXIT_FAILURE, daemon)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_SIGINT)
+    sys.exit(EXIT_OK)
+
+
+def _ready_callback(daemon: service.Daemon | None) -> Callable[[], None]:
+    def on_ready() -> None:
+        if daemon is not None:
+            daemon.ready()
+        else:
+            service.notify("READY=1\nSTATUS=mounted")
+
+    return on_ready
+
+
+# download and cat commands: lead
+# (``rangefs download URL [DEST]`` and ``rangefs cat URL``, calling rangefs.download; add
+# them here as @rangefs.command()s, reusing SizeType, parse_header, read_header_file,
+# default_cache_dir/prepare_cache_dir, setup_logging and the exit codes above.)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    rangefs.main(args=list(argv) if argv is not None else None, prog_name="rangefs")
+
+
+if __name__ == "__main__":
+    main()

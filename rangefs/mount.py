@@ -1,0 +1,250 @@
+"""Wire one mount: tree, object store, FUSE session, signals, clean shutdown.
+
+:func:`run_mount` owns every task of a mount. Start-up order: check the mount point,
+build the tree, start the object store (``nursery.start``: a cache directory that cannot
+be used fails here, before anything is mounted), ``pyfuse3.init`` (the mount(2) itself),
+run ``pyfuse3.main``, wait until a stat of the mount point is answered, raise the kernel's
+read-ahead, then ``on_ready()``.
+
+Shutdown, whatever the cause (SIGTERM, SIGINT, SIGHUP, the mount removed from outside with
+``fusermount3 -u``/``umount``, or an error): stop the FUSE main loop, cancel the object
+store (it flushes every index, shielded), then ``pyfuse3.close(unmount=True)``. After
+SIGINT the function raises KeyboardInterrupt once everything is clean (exit code 130).
+
+FUSE options (libfuse 3.14, pyfuse3 3.5, checked by experiment): ``max_read=N`` is rejected
+("init() and fuse_session_new() requested different maximum read size") because pyfuse3's
+init callback leaves ``conn->max_read`` at 0, so it is not passed. libfuse already
+negotiates max_pages = 256 (1 MiB requests); what limits the size of page-cache reads is
+the FUSE bdi's read-ahead (128 KiB by default), which is raised through
+``/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`` when permitted (root), giving 1 MiB reads.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import stat
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from . import service
+from .errors import InternalError, RangefsError, UsageError
+from .objects import ObjectStore, StoreConfig
+from .ops import RangeOperations
+from .tree import Tree
+from .urllist import Entry
+
+log = logging.getLogger(__name__)
+
+BASE_FUSE_OPTIONS = frozenset({"fsname=rangefs", "subtype=rangefs", "ro", "default_permissions"})
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """One mount; times in seconds."""
+
+    urllist: str  # where the URL list came from ('-' = stdin), for messages
+    mountpoint: Path
+    store: StoreConfig
+    allow_other: bool = False
+    debug_fuse: bool = False  # libfuse's own request trace on stderr
+    foreground: bool = True
+    read_ahead_kb: int = 1024  # kernel read-ahead for the mount; 0 = leave the default
+    ready_timeout: float = 30.0  # the mount must answer a stat within this
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    """The option set handed to ``pyfuse3.init``."""
+    options = set(BASE_FUSE_OPTIONS)
+    if config.allow_other:
+        options.add("allow_other")
+    if config.debug_fuse:
+        options.add("debug")
+    return options
+
+
+def check_mountpoint(path: Path) -> None:
+    """UsageError (one line saying what to do) unless ``path`` is an empty, unmounted dir.
+
+    Sync; call before mounting (it stats ``path``, which must not be our own mount).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(
+            f"mount point {path} does not exist: create it first (mkdir -p {path})"
+        ) from None
+    except NotADirectoryError:
+        raise UsageError(f"mount point {path} is not a directory") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise UsageError(
+                f"mount point {path} is a stale FUSE mount: clear it with "
+                f"'fusermount3 -u -z {path}'"
+            ) from None
+        raise UsageError(f"mount point {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"mount point {path} is not a directory")
+    if os.path.ismount(path):
+        raise UsageError(
+            f"{path} is already a mount point: unmount it first (fusermount3 -u {path})"
+        )
+    try:
+        with os.scandir(path) as it:
+            nonempty = any(True for _ in it)
+    except OSError as exc:
+        raise UsageError(f"mount point {path}: {exc.strerror}") from None
+    if nonempty:
+        raise UsageError(f"mount point {path} is not empty: mount on an empty directory")
+
+
+class _Shutdown:
+    """Who stops what: a signal cancels the FUSE loop if it runs, else everything."""
+
+    def __init__(self, everything: trio.CancelScope) -> None:
+        self.everything = everything
+        self.fuse: trio.CancelScope | None = None
+        self.signal: int | None = None
+
+    def stop(self) -> None:
+        (self.fuse or self.everything).cancel()
+
+
+async def _watch_signals(signals: AsyncIterator[int], shutdown: _Shutdown) -> None:
+    async for signum in signals:
+        if shutdown.signal is None:
+            shutdown.signal = signum
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+        shutdown.stop()
+
+
+async def _fuse_main(shutdown: _Shutdown, scope: trio.CancelScope) -> None:
+    """pyfuse3's main loop; returning means the mount was removed from outside."""
+    await pyfuse3.main()
+    if shutdown.signal is None:
+        log.info("the mount was removed from outside (fusermount3 -u / umount): stopping")
+    scope.cancel()
+
+
+def _mounted_device(path: str) -> int | None:
+    """st_dev of ``path`` if it is a mount point, else None. Blocks: run in a thread."""
+    st = os.stat(path)
+    parent = os.stat(os.path.dirname(os.path.abspath(path)))
+    return st.st_dev if st.st_dev != parent.st_dev else None
+
+
+async def _wait_live(path: Path, limit: float) -> int:
+    """Wait until the kernel answers a stat of the mount through our FUSE loop; st_dev."""
+    try:
+        with trio.fail_after(limit):
+            dev = await trio.to_thread.run_sync(
+                _mounted_device, os.fspath(path), abandon_on_cancel=True
+            )
+    except trio.TooSlowError:
+        raise InternalError(f"the mount at {path} did not answer within {limit:g} s") from None
+    except OSError as exc:
+        raise InternalError(f"the mount at {path} does not work: {exc.strerror}") from exc
+    if dev is None:
+        raise InternalError(f"{path} is not a mount point after mounting")
+    return dev
+
+
+def _raise_read_ahead(dev: int, kb: int) -> None:
+    """Let page-cache reads reach FUSE as ``kb`` KiB requests (root only; else a no-op)."""
+    if kb <= 0:
+        return
+    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    try:
+        current = int(path.read_text().strip())
+        if current < kb:
+            path.write_text(f"{kb}\n")
+            log.debug("read-ahead of the mount raised from %d to %d KiB", current, kb)
+    except (OSError, ValueError) as exc:
+        log.debug("read-ahead of the mount left as it is (%s): %s", path, exc)
+
+
+async def run_mount(
+    config: MountConfig, entries: Sequence[Entry], *, on_ready: Callable[[], None]
+) -> None:
+    """Mount ``entries`` at ``config.mountpoint``; return once cleanly unmounted.
+
+    Raises UsageError (bad mount point, unusable cache directory) or another RangefsError
+    before anything is mounted; KeyboardInterrupt after a clean unmount caused by SIGINT.
+    ``on_ready`` is called once, on the trio thread, when the mount answers requests.
+    """
+    try:
+        await _run_mount(config, entries, on_ready=on_ready)
+    except BaseExceptionGroup as group:
+        # trio nurseries wrap every error in a group: hand one RangefsError to the CLI as
+        # itself (its exit code and one-line message); anything else stays a loud group.
+        leaf = _sole_error(group)
+        if isinstance(leaf, RangefsError):
+            raise leaf from None
+        raise
+
+
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one leaf exception of ``group`` (nested groups flattened), or None if several."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else None
+
+
+async def _run_mount(
+    config: MountConfig, entries: Sequence[Entry], *, on_ready: Callable[[], None]
+) -> None:
+    check_mountpoint(config.mountpoint)
+    tree = Tree.from_entries(entries)
+    store = ObjectStore(entries, config.store)
+    ops = RangeOperations(tree, store, block_size=config.store.block_size)
+    mountpoint = os.fspath(config.mountpoint)
+    initialised = False
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        try:
+            async with trio.open_nursery() as nursery:
+                shutdown = _Shutdown(nursery.cancel_scope)
+                nursery.start_soon(_watch_signals, signals, shutdown)
+                await nursery.start(store.run)
+                async with trio.open_nursery() as fuse:
+                    try:
+                        pyfuse3.init(ops, mountpoint, fuse_options(config))
+                    except RuntimeError as exc:
+                        raise InternalError(
+                            f"cannot mount at {mountpoint}: {exc} (is /dev/fuse usable and "
+                            "fusermount3 installed?)"
+                        ) from exc
+                    initialised = True
+                    shutdown.fuse = fuse.cancel_scope
+                    ops.background = fuse
+                    store.kernel_invalidator = ops.invalidate_object
+                    fuse.start_soon(_fuse_main, shutdown, fuse.cancel_scope)
+                    dev = await _wait_live(config.mountpoint, config.ready_timeout)
+                    _raise_read_ahead(dev, config.read_ahead_kb)
+                    log.info(
+                        "mounted %d entries of %s at %s", len(entries), config.urllist, mountpoint
+                    )
+                    on_ready()
+                    await trio.sleep_forever()
+                # The FUSE loop has stopped (signal or external unmount): stop the store,
+                # which flushes every index before this nursery exits.
+                nursery.cancel_scope.cancel()
+        finally:
+            if initialised:
+                service.notify("STOPPING=1")
+                pyfuse3.close(unmount=True)
+                log.info("unmounted %s", mountpoint)
+    if shutdown.signal == signal.SIGINT:
+        raise KeyboardInterrupt

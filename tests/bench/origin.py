@@ -1,0 +1,174 @@
+"""The emulated object store: nginx + lua on 127.0.0.1, serving generated objects.
+
+Layout under the document root (one directory per scenario, so a FUSE peer that mounts a
+directory URL sees only what the scenario needs):
+
+    seq/big.bin        the sequential object (tests/content.py bytes; sha256 known)
+    huge/huge.bin      a sparse object of ``huge_size`` bytes (reads as zeros)
+    multi/objN.bin     the objects of the concurrent-readers scenario
+    many/fNNNNN.bin    the small objects of the big-URL-list scenario
+
+The access log (``$bytes_sent`` and ``$http_range`` per request) is how every scenario
+counts what the origin sent: :meth:`Origin.mark` then :meth:`Origin.sent_since`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.content import iter_content, sha256_of
+
+from .system import NGINX_MODULES, free_port, kill_group, log
+
+TEMPLATE = Path(__file__).with_name("nginx.conf.template")
+
+
+@dataclass(frozen=True)
+class Layout:
+    big_size: int
+    huge_size: int
+    multi_count: int
+    multi_size: int
+    many_count: int
+    many_size: int = 1024
+
+    def big_key(self) -> str:
+        return f"bench-big-{self.big_size}"
+
+
+@dataclass
+class Traffic:
+    """What the origin did between two marks."""
+
+    requests: int = 0
+    bytes_sent: int = 0  # headers included
+    body_bytes: int = 0
+
+
+def _write_content(path: Path, key: str, size: int) -> None:
+    with open(path, "wb") as fh:
+        for offset in range(0, size, 64 << 20):
+            fh.write(b"".join(iter_content(key, offset, min(64 << 20, size - offset))))
+
+
+def populate(root: Path, layout: Layout) -> None:
+    """Write every object (idempotent: existing files of the right size are kept)."""
+    for sub in ("seq", "huge", "multi", "many"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    big = root / "seq" / "big.bin"
+    if not big.exists() or big.stat().st_size != layout.big_size:
+        _write_content(big, layout.big_key(), layout.big_size)
+    huge = root / "huge" / "huge.bin"
+    if not huge.exists() or huge.stat().st_size != layout.huge_size:
+        with open(huge, "wb") as fh:
+            fh.truncate(layout.huge_size)
+    for i in range(layout.multi_count):
+        path = root / "multi" / f"obj{i}.bin"
+        if not path.exists() or path.stat().st_size != layout.multi_size:
+            _write_content(path, f"bench-multi-{i}", layout.multi_size)
+    filler = os.urandom(layout.many_size)
+    existing = {p.name for p in (root / "many").iterdir()}
+    for i in range(layout.many_count):
+        name = f"f{i:05d}.bin"
+        if name not in existing:
+            (root / "many" / name).write_bytes(filler)
+
+
+def big_sha256(layout: Layout) -> str:
+    return sha256_of(layout.big_key(), layout.big_size)
+
+
+class Origin:
+    """A running nginx; use as a context manager (always stopped)."""
+
+    def __init__(self, root: Path, work: Path, *, delay_s: float, rate: str) -> None:
+        self.root = root
+        self.work = work
+        self.delay_s = delay_s
+        self.rate = rate
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.access_log = work / "access.log"
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/{path.lstrip('/')}"
+
+    def __enter__(self) -> Origin:
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        text = TEMPLATE.read_text()
+        for name, value in {
+            "modules": str(NGINX_MODULES), "work": str(self.work), "root": str(self.root),
+            "port": str(self.port), "delay_s": f"{self.delay_s:.4f}", "rate": self.rate,
+        }.items():
+            text = text.replace(f"@{name}@", value)
+        conf = self.work / "nginx.conf"
+        conf.write_text(text)
+        self._proc = subprocess.Popen(
+            ["nginx", "-c", str(conf), "-p", str(self.work)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(self.work / "nginx.stderr", "wb"),
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 15
+        import socket
+
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                errors = [self.work / "nginx.stderr", self.work / "error.log"]
+                text = "".join(p.read_text(errors="replace") for p in errors if p.exists())
+                raise SystemExit(f"bench: nginx did not start:\n{text}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.port), timeout=1
+            ):
+                break
+            time.sleep(0.05)
+        else:
+            raise SystemExit("bench: nginx did not listen within 15 s")
+        log(f"origin {self.base} (first-byte delay {self.delay_s * 1000:g} ms, "
+            f"limit_rate {self.rate} per connection)")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                kill_group(self._proc)
+
+    def mark(self) -> int:
+        """A position in the access log; see :meth:`sent_since`."""
+        try:
+            return self.access_log.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def sent_since(self, mark: int, settle: float = 0.3) -> Traffic:
+        """Requests and bytes the origin sent since ``mark`` (waits ``settle`` s first:
+        nginx logs a request when it ends, an aborted one too)."""
+        time.sleep(settle)
+        traffic = Traffic()
+        try:
+            with open(self.access_log, "rb") as fh:
+                fh.seek(mark)
+                data = fh.read()
+        except FileNotFoundError:
+            return traffic
+        for line in data.decode(errors="replace").splitlines():
+            fields = line.split()
+            if len(fields) < 4:
+                continue
+            traffic.requests += 1
+            traffic.bytes_sent += int(fields[2])
+            traffic.body_bytes += int(fields[3])
+        return traffic

@@ -1,0 +1,184 @@
+"""The contenders: rangefs and the tools people use today, each with the flags it is run with.
+
+Two kinds:
+
+- FUSE peers (rangefs, rclone mount, httpdirfs) mount one directory of the origin (or, for
+  rangefs, a URL list of its objects) in the foreground; :func:`mounted` starts one, waits
+  for the mount (bounded), and ALWAYS unmounts (``fusermount3 -u``, then abort + ``-u -z``)
+  and reaps the daemon.
+- Download peers (aria2c, curl) fetch whole objects to a local file.
+
+Variants that are not "defaults" (``rclone-tuned``, ``rangefs-none``) are shown in the
+table but never count as the best *default* peer for rangefs's ratio, except rclone-tuned
+which counts as a peer (people do tune rclone); ``rangefs-*`` variants never count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .system import log, peak_rss_kib, unmount, wait_mounted
+
+ROOT = Path(__file__).resolve().parents[2]
+RANGEFS = Path(sys.executable).parent / "rangefs"
+
+RCLONE_TUNED = (
+    "--vfs-read-ahead", "512M", "--buffer-size", "64M",
+    "--vfs-read-chunk-size", "16M", "--vfs-read-chunk-size-limit", "256M",
+)
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    kind: str  # "fuse" | "download"
+    label: str  # how it was run, for the table's notes
+    args: tuple[str, ...] = ()
+    is_rangefs: bool = False
+
+
+PEERS: dict[str, Peer] = {
+    p.name: p
+    for p in (
+        Peer("rangefs", "fuse", "rangefs mount (defaults: --prefetch open, 1M blocks, "
+             "concurrency 16)", is_rangefs=True),
+        Peer("rangefs-none", "fuse", "rangefs mount --prefetch none", ("--prefetch", "none"),
+             is_rangefs=True),
+        Peer("aria2", "download", "aria2c -x16 -s16 -k1M"),
+        Peer("curl", "download", "curl (one connection)"),
+        Peer("rclone", "fuse", "rclone mount :http: --vfs-cache-mode full"),
+        Peer("rclone-tuned", "fuse", "rclone mount --vfs-cache-mode full " + " ".join(RCLONE_TUNED),
+             RCLONE_TUNED),
+        Peer("httpdirfs", "fuse", "httpdirfs --cache"),
+    )
+}
+DEFAULT_PEERS = ("rangefs", "rangefs-none", "aria2", "curl", "rclone", "rclone-tuned",
+                 "httpdirfs")
+
+
+@dataclass
+class Mounted:
+    """A live FUSE mount of one peer."""
+
+    peer: Peer
+    mountpoint: Path
+    proc: subprocess.Popen[bytes]
+    cache_dir: Path
+    log_path: Path
+    started: float  # perf_counter when the daemon was started
+    mounted_at: float  # perf_counter when the mount appeared
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def path(self, name: str) -> str:
+        return str(self.mountpoint / name)
+
+    def peak_rss_mib(self) -> float | None:
+        kib = peak_rss_kib(self.proc.pid)
+        return kib / 1024 if kib is not None else None
+
+    def cpu_seconds(self) -> float | None:
+        """user + system CPU time of the daemon so far (all threads)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def fuse_argv(peer: Peer, *, base_url: str, sub: str, names: Sequence[str], mountpoint: Path,
+              cache_dir: Path, work: Path, sizes: dict[str, int] | None = None) -> list[str]:
+    """The command line that mounts directory ``sub`` of the origin (objects ``names``)."""
+    url_dir = f"{base_url}/{sub}/"
+    if peer.is_rangefs:
+        urls = work / f"{sub}.urls"
+        with open(urls, "w") as fh:
+            for name in names:
+                size = f" size={sizes[name]}" if sizes and name in sizes else ""
+                fh.write(f"{url_dir}{name} {name}{size}\n")
+        return [str(RANGEFS), "mount", "--foreground", "--cache-dir", str(cache_dir),
+                *peer.args, str(urls), str(mountpoint)]
+    if peer.name.startswith("rclone"):
+        return ["rclone", "mount", ":http:", str(mountpoint), "--http-url", url_dir,
+                "--vfs-cache-mode", "full", "--cache-dir", str(cache_dir), "--read-only",
+                "--config", str(work / "rclone.conf"), *peer.args]
+    if peer.name == "httpdirfs":
+        return ["httpdirfs", "-f", "--cache", "--cache-location", str(cache_dir), *peer.args,
+                url_dir, str(mountpoint)]
+    raise ValueError(f"{peer.name} is not a FUSE peer")
+
+
+@contextlib.contextmanager
+def mounted(peer: Peer, *, base_url: str, sub: str, names: Sequence[str], work: Path,
+            cache_dir: Path, tag: str, sizes: dict[str, int] | None = None,
+            mount_timeout: float = 60.0, profile: Path | None = None) -> Iterator[Mounted]:
+    """Mount, yield, and always unmount and reap. ``profile``: py-spy raw output for rangefs."""
+    mountpoint = work / f"mnt-{tag}"
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log_path = work / f"{tag}.log"
+    argv = fuse_argv(peer, base_url=base_url, sub=sub, names=names, mountpoint=mountpoint,
+                     cache_dir=cache_dir, work=work, sizes=sizes)
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    env["PYTHONPATH"] = str(ROOT)
+    with open(log_path, "ab") as err:
+        err.write(("$ " + " ".join(argv) + "\n").encode())
+        err.flush()
+        started = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
+                                start_new_session=True)
+    spy: subprocess.Popen[bytes] | None = None
+    try:
+        if not wait_mounted(mountpoint, proc, mount_timeout):
+            tail = log_path.read_text(errors="replace")[-1500:]
+            raise MountFailed(f"{peer.name} did not mount within {mount_timeout:g} s "
+                              f"(exit {proc.poll()}):\n{tail}")
+        mounted_at = time.perf_counter()
+        if profile is not None and peer.is_rangefs and shutil.which("py-spy", path=str(
+                Path(sys.executable).parent)):
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid),
+                 "--rate", "250", "--format", "raw", "--nonblocking", "--threads",
+                 "--output", str(profile)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(str(profile) + ".stderr", "wb"),  # noqa: SIM115
+            )
+        yield Mounted(peer, mountpoint, proc, cache_dir, log_path, started, mounted_at)
+    finally:
+        unmount(mountpoint, proc)
+        if spy is not None:
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+        with contextlib.suppress(OSError):
+            mountpoint.rmdir()
+
+
+class MountFailed(RuntimeError):
+    """A peer could not be mounted."""
+
+
+def log_tail(path: Path, n: int = 800) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def announce(peer: Peer, what: str) -> None:
+    log(f"  {peer.name}: {what}")

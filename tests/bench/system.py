@@ -1,0 +1,269 @@
+"""The machine side of the benchmark: installing tools, page cache, processes, FUSE mounts.
+
+Everything that can block on a peer is bounded: subprocesses get a timeout (then SIGKILL of
+their process group), mount waits poll /proc/self/mountinfo (which never blocks on a hung
+FUSE server), and a mount that does not go away is aborted through fusectl and lazily
+unmounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+# command -> Debian package that provides it
+TOOLS = {
+    "nginx": "nginx",
+    "aria2c": "aria2",
+    "rclone": "rclone",
+    "httpdirfs": "httpdirfs",
+    "curl": "curl",
+    "fusermount3": "fuse3",
+}
+LUA_MODULE = Path("/usr/lib/nginx/modules/ngx_http_lua_module.so")
+NGINX_MODULES = LUA_MODULE.parent
+
+
+def log(text: str) -> None:
+    print(f"[bench] {text}", flush=True)
+
+
+def ensure_tools(commands: Sequence[str]) -> None:
+    """apt-get install the packages of ``commands`` that are missing (update once first)."""
+    missing = sorted({TOOLS[c] for c in commands if shutil.which(c) is None})
+    if not LUA_MODULE.exists():
+        missing.append("libnginx-mod-http-lua")
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(f"bench: missing {' '.join(missing)}; install them (needs root)")
+    log(f"installing {' '.join(missing)} with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", *missing],
+        check=True, env=env, timeout=1200, stdout=subprocess.DEVNULL,
+    )
+    # the Debian nginx package may start the system nginx (port 80); it is not ours
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["systemctl", "disable", "--now", "nginx"], timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def drop_page_cache() -> bool:
+    """sync, then drop the page cache (root only). True if it was dropped."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def machine() -> dict[str, str]:
+    """What the figures were measured on."""
+    mem_kib = 0
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    cpu = ""
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = os.getloadavg()
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "memory": f"{mem_kib / (1 << 20):.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load at start": f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+    }
+
+
+def tool_versions() -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        mine = [line for line in lines if argv[0].lower().rstrip("c") in line.lower()]
+        return (mine or lines or ["?"])[0]
+
+    return {
+        "nginx": first_line(["nginx", "-v"]),
+        "aria2c": first_line(["aria2c", "--version"]),
+        "curl": first_line(["curl", "--version"]),
+        "rclone": first_line(["rclone", "version"]),
+        "httpdirfs": first_line(["httpdirfs", "--version"]),
+    }
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+def run(
+    argv: Sequence[str], *, timeout: float, stdout: int | None = subprocess.DEVNULL,
+    cwd: Path | None = None, env: dict[str, str] | None = None,
+) -> tuple[int | None, float, str]:
+    """Run ``argv`` in its own process group: (exit code or None on timeout, seconds, stdout).
+
+    On timeout the whole group is SIGKILLed."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        list(argv), stdout=stdout if stdout is not None else subprocess.PIPE,
+        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True,
+        cwd=cwd, env=env, text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        return None, time.perf_counter() - start, ""
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0 and err:
+        log(f"{argv[0]} exited {proc.returncode}: {err.strip()[-400:]}")
+    return proc.returncode, elapsed, out or ""
+
+
+def kill_group(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+
+
+def peak_rss_kib(pid: int) -> int | None:
+    """VmHWM (peak resident set) of ``pid`` in KiB, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# -- FUSE mounts -------------------------------------------------------------------------
+
+
+def _mountinfo(mountpoint: Path) -> tuple[str, str] | None:
+    """(major:minor, fstype) of the topmost mount at ``mountpoint``; never blocks."""
+    target = os.path.abspath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
+        for line in fh:
+            fields = line.split()
+            if fields[4].replace("\\040", " ") == target:
+                found = (fields[2], fields[fields.index("-") + 1])
+    return found
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    return _mountinfo(mountpoint) is not None
+
+
+def wait_mounted(mountpoint: Path, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Poll until ``mountpoint`` is a FUSE mount (True) or the process died / time ran out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = _mountinfo(mountpoint)
+        if info is not None and info[1].startswith("fuse"):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    return False
+
+
+def abort_fuse(mountpoint: Path) -> None:
+    """Abort the FUSE connection of ``mountpoint`` (fusectl): every blocked request fails."""
+    info = _mountinfo(mountpoint)
+    if info is None:
+        return
+    conn = Path("/sys/fs/fuse/connections")
+    if conn.is_dir() and not any(conn.iterdir()):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", str(conn)], timeout=10,
+                           check=False, stderr=subprocess.DEVNULL)
+    minor = info[0].split(":")[1]
+    with contextlib.suppress(OSError):
+        (conn / minor / "abort").write_text("1\n")
+
+
+def unmount(mountpoint: Path, proc: subprocess.Popen[bytes] | None, *, grace: float = 20.0) -> None:
+    """fusermount3 -u, then -u -z (after aborting a hung connection); reap the daemon."""
+    for args in (["-u"], ["-u", "-z"]):
+        if not is_mounted(mountpoint):
+            break
+        if args == ["-u", "-z"]:
+            abort_fuse(mountpoint)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(["fusermount3", *args, str(mountpoint)], timeout=30, check=False,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        time.sleep(0.05)
+    if proc is None:
+        return
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        log(f"{proc.args[0] if isinstance(proc.args, list) else proc.args} did not exit after "
+            "unmount: SIGTERM, then SIGKILL")
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+    if is_mounted(mountpoint):
+        abort_fuse(mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], timeout=30, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_rusage(
+    argv: Sequence[str], *, timeout: float, cwd: Path | None = None,
+) -> tuple[int | None, float, float]:
+    """Run ``argv`` (own process group, output discarded): (exit code or None on timeout,
+    seconds, peak RSS in MiB from wait4). On timeout the group is SIGKILLed and the figures
+    are those up to then."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+    deadline = start + timeout
+    code: int | None = None
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid == proc.pid:
+            code = os.waitstatus_to_exitcode(status)
+            break
+        if time.perf_counter() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            pid, status, usage = os.wait4(proc.pid, 0)
+            code = None
+            break
+        time.sleep(0.002)
+    elapsed = time.perf_counter() - start
+    proc.returncode = -1 if code is None else code  # already reaped
+    return code, elapsed, usage.ru_maxrss / 1024
