@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -151,3 +152,32 @@ class CacheDir:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+    def touch(self, key: str) -> None:
+        """Record that the object was used now (the eviction order is least recent first)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.object_dir(key))
+
+    def usage(self) -> list[tuple[float, int, str]]:
+        """(last use, bytes on disk, key) of every object directory, oldest first."""
+        out = []
+        try:
+            keys = os.listdir(self.root / "objects")
+        except OSError:
+            return []
+        for key in keys:
+            directory = self.object_dir(key)
+            try:
+                used = directory.stat().st_mtime
+                size = sum(f.stat().st_blocks * 512 for f in directory.iterdir() if f.is_file())
+            except OSError:
+                continue
+            out.append((used, size, key))
+        out.sort()
+        return out
+
+    def remove(self, key: str) -> None:
+        """Delete an object's directory (its cache, index and metadata)."""
+        shutil.rmtree(self.object_dir(key), ignore_errors=True)
+        log.info("evicted %s from the cache", key)
+

@@ -17,14 +17,19 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import unquote, urlsplit
 
 import click
 import trio
 
 from . import service
+from .digests import parse_digest
+from .download import DownloadOptions, DownloadStats, cat_url, download_file
 from .errors import CacheLocked, RangefsError, UsageError
 from .mount import MountConfig, check_mountpoint, run_mount
 from .objects import Prefetch, StoreConfig
+from .ratecontrol import BackoffPolicy
+from .redact import redact_url
 from .source import HttpOptions
 from .urllist import read_url_list
 
@@ -305,14 +310,7 @@ def mount_command(
     daemon: service.Daemon | None = None
     try:
         setup_logging(verbose=verbose, debug=debug, log_file=log_file)
-        header_list: list[tuple[str, str]] = []
-        for text in headers:
-            try:
-                header_list.append(parse_header(text))
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="'--header'") from None
-        if header_file is not None:
-            header_list.extend(read_header_file(header_file))
+        http_headers = _http_headers(headers, header_file)
         entries = read_url_list(urllist)
         target = Path(mountpoint).absolute()
         service.clear_stale_mount(target)  # only a rangefs mount whose process is gone
@@ -328,7 +326,7 @@ def mount_command(
                 max_rate=float(max_rate) if max_rate is not None else None,
                 prefetch=Prefetch(prefetch),
                 read_timeout=read_timeout,
-                http=HttpOptions(headers=tuple(header_list)),
+                http=HttpOptions(headers=http_headers),
                 cache_size=cache_size,
             ),
             allow_other=allow_other,
@@ -361,10 +359,166 @@ def _ready_callback(daemon: service.Daemon | None) -> Callable[[], None]:
     return on_ready
 
 
-# download and cat commands: lead
-# (``rangefs download URL [DEST]`` and ``rangefs cat URL``, calling rangefs.download; add
-# them here as @rangefs.command()s, reusing SizeType, parse_header, read_header_file,
-# default_cache_dir/prepare_cache_dir, setup_logging and the exit codes above.)
+def _http_headers(headers: Sequence[str], header_file: str | None) -> tuple[tuple[str, str], ...]:
+    """--header values and --header-file lines; click.BadParameter / UsageError on bad ones."""
+    header_list: list[tuple[str, str]] = []
+    for text in headers:
+        try:
+            header_list.append(parse_header(text))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--header'") from None
+    if header_file is not None:
+        header_list.extend(read_header_file(header_file))
+    return tuple(header_list)
+
+
+def _transfer_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that download and cat share."""
+    options = [
+        click.option("--block-size", type=SizeType(minimum=MIN_BLOCK_SIZE, maximum=MAX_BLOCK_SIZE,
+                                                   power_of_two=True),
+                     default="1M", show_default=True, metavar="SIZE",
+                     help="Bytes per block (a power of two, 4K..64M): the unit of requests, "
+                          "retries and resumption."),
+        click.option("--concurrency", type=click.IntRange(1, 256), default=DEFAULT_CONCURRENCY,
+                     show_default=True, metavar="N", help="Concurrent HTTP range requests."),
+        click.option("--max-rate", type=SizeType(minimum=1), default=None, metavar="SIZE",
+                     help="Rate limit in bytes per second (e.g. 50M).  [default: unlimited]"),
+        click.option("--sha256", "sha256", default=None, metavar="HEX",
+                     help="Expected SHA-256 of the object (64 hex digits); checked at the end. "
+                          "[default: the server's Repr-Digest/Digest when it sends one]"),
+        click.option("--retries", type=click.IntRange(0, 100), default=8, show_default=True,
+                     help="Retries of a failing request (backoff with jitter, Retry-After "
+                          "honoured) before it counts as failed."),
+        click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True),
+                     default=30.0, show_default=True, metavar="SECONDS",
+                     help="A request whose body stalls this long is retried."),
+        click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
+                     help="HTTP header for every request (repeatable; never logged; dropped "
+                          "on a redirect to another origin)."),
+        click.option("--header-file", type=click.Path(dir_okay=False),
+                     envvar="RANGEFS_HEADER_FILE", show_envvar=True, default=None,
+                     help="File of HTTP headers, one 'Name: value' a line."),
+        click.option("-v", "--verbose", count=True, help="More log output: -v info, -vv debug."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _download_options(
+    *, block_size: int, concurrency: int, max_rate: int | None, sha256: str | None,
+    retries: int, read_timeout: float, headers: Sequence[str], header_file: str | None,
+    force: bool = False,
+) -> DownloadOptions:
+    digest = None
+    if sha256 is not None:
+        try:
+            digest = parse_digest(f"sha256:{sha256.strip()}")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--sha256'") from None
+    return DownloadOptions(
+        block_size=block_size,
+        concurrency=concurrency,
+        max_rate=float(max_rate) if max_rate is not None else None,
+        http=HttpOptions(headers=_http_headers(headers, header_file), read_timeout=read_timeout),
+        backoff=BackoffPolicy(steps=retries),
+        digest=digest,
+        force=force,
+    )
+
+
+def _run_job(job: Callable[[], Any]) -> Any:
+    """trio.run a job; one-line errors and exit codes as for mount."""
+    try:
+        return trio.run(job)
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except RangefsError as exc:
+        _fail(str(exc), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_SIGINT)
+
+
+class _ProgressLine:
+    """'12.3 MiB / 256 MiB (4.8 %) 35.1 MiB/s' rewritten in place on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.shown = False
+
+    def __call__(self, stats: DownloadStats) -> None:
+        if not self.enabled:
+            return
+        mib = 1 << 20
+        done = stats.cached_bytes
+        total = max(stats.download_size, 1)
+        rate = (done - stats.found_cached_bytes) / mib / max(stats.duration, 1e-3)
+        click.echo(
+            f"\r{done / mib:10.1f} MiB / {stats.download_size / mib:.1f} MiB "
+            f"({100 * done / total:5.1f} %) {rate:7.1f} MiB/s",
+            nl=False, err=True,
+        )
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            click.echo("", err=True)
+
+
+@rangefs.command("download")
+@click.argument("url")
+@click.argument("dest", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@_transfer_options
+@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress line.  [default: when stderr is a terminal]")
+def download_command(url: str, dest: Path | None, force: bool, progress: bool | None,
+                     verbose: int, **kw: Any) -> None:
+    """Download URL to DEST (default: the URL's last path segment, in the current directory).
+
+    Parallel range requests; resumable: blocks are kept in DEST.rangefs-part/ and a rerun
+    of the same command after a failure, Ctrl-C or a kill goes on from there. DEST appears
+    only when complete and, when a digest is known, verified. Exit 0 only then.
+    """
+    setup_logging(verbose=verbose, debug=False, log_file=None)
+    options = _download_options(force=force, **kw)
+    if dest is None:
+        name = Path(unquote(urlsplit(url).path)).name
+        if not name:
+            _fail(f"cannot name the file after {redact_url(url)}: give DEST", EXIT_USAGE)
+        dest = Path(name)
+    elif dest.is_dir():
+        name = Path(unquote(urlsplit(url).path)).name
+        if not name:
+            _fail(f"cannot name the file after {redact_url(url)}: give DEST", EXIT_USAGE)
+        dest = dest / name
+    line = _ProgressLine(sys.stderr.isatty() if progress is None else progress)
+    try:
+        result = _run_job(functools.partial(download_file, url, dest, options, progress=line))
+    finally:
+        line.finish()
+    verified = f", {result.verified.algorithm} verified" if result.verified else ""
+    click.echo(
+        f"{result.dest}: {result.size} bytes ({result.downloaded_bytes} downloaded, "
+        f"{result.found_cached_bytes} resumed){verified}",
+        err=True,
+    )
+
+
+@rangefs.command("cat")
+@click.argument("url")
+@_transfer_options
+def cat_command(url: str, verbose: int, **kw: Any) -> None:
+    """Write the object at URL to standard output, in order.
+
+    Concurrent range requests with a bounded reorder window (memory: about 2 x concurrency
+    x block size). A known digest (--sha256 or the server's) is checked at the end: on a
+    mismatch the bytes were already written, and the exit code is 1.
+    """
+    setup_logging(verbose=verbose, debug=False, log_file=None)
+    options = _download_options(**kw)
+    _run_job(functools.partial(cat_url, url, sys.stdout.fileno(), options))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -39,6 +39,8 @@ from .source import HttpOptions, HttpSession, Reader
 
 log = logging.getLogger(__name__)
 
+FLUSH_PERIOD = 0.5  # seconds between checks whether the cache index needs persisting
+
 
 # -- caching downloader -------------------------------------------------------------------
 
@@ -153,6 +155,7 @@ class CachingDownloader:
         error: RangefsError | None = None
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.run)
+            nursery.start_soon(self._flusher)
             if self.progress is not None:
                 nursery.start_soon(self._report, fetcher, found, start)
             delay = self.pass_delay
@@ -187,6 +190,13 @@ class CachingDownloader:
             error=error,
             stats=self.stats,
         )
+
+    async def _flusher(self) -> None:
+        """Persist the index in batches while blocks arrive (crash safety)."""
+        while True:
+            await trio.sleep(FLUSH_PERIOD)
+            if self.cache.needs_flush():
+                await self.cache.flush()
 
     async def _report(self, fetcher: ObjectFetcher, found: int, start: float) -> None:
         assert self.progress is not None

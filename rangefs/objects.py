@@ -35,6 +35,7 @@ from .cachefiles import ObjectIdentity
 from .digests import Digest, hash_file, parse_digest
 from .errors import (
     DigestMismatch,
+    NotEnoughSpace,
     PermanentError,
     RangefsError,
     ReadTimeout,
@@ -329,6 +330,7 @@ class MountedObject:
             raise self._failed
         async with self._open_lock:
             version = await self._ensure_version()
+            self.store.cachedir.touch(self.key)
             keep = self._keep_cache
             self._keep_cache = True
         if self.store.config.prefetch is Prefetch.OPEN:
@@ -360,6 +362,7 @@ class MountedObject:
         )
         directory = self.store.cachedir.object_dir(self.key)
         if self._version is None:
+            self.store.make_room(self, info.size)
             cache = LocalDownloadCache.open(directory, identity)
         else:
             cache = self._version.cache
@@ -416,6 +419,17 @@ class MountedObject:
             self._keep_cache = False
             self.store.invalidate_kernel_cache(self)
             await self._start_version(info)
+
+    def evict(self) -> bool:
+        """Close the cache of an object nobody has open, so its directory can go."""
+        version = self._version
+        if self.opened > 0 or self._open_lock.locked():
+            return False
+        if version is not None:
+            version.stop()
+            version.cache.close()
+            self._version = None
+        return True
 
     def start_fill(self, version: _Version) -> None:
         """Start filling every outstanding block in the background, once per version."""
@@ -501,6 +515,32 @@ class ObjectStore:
     def objects(self) -> list[MountedObject]:
         """Every object, once each."""
         return list(self._objects.values())
+
+    def make_room(self, obj: MountedObject, size: int) -> None:
+        """Keep the cache directory within --cache-size: evict least recently used objects
+        that nobody has open until ``size`` more bytes fit. NotEnoughSpace if they can't."""
+        budget = self.config.cache_size
+        if budget is None:
+            return
+        if size > budget:
+            raise NotEnoughSpace(
+                f"{obj.name} has {size} bytes, more than --cache-size {budget}; raise it"
+            )
+        usage = [u for u in self.cachedir.usage() if u[2] != obj.key]
+        total = sum(nbytes for _, nbytes, _ in usage)
+        for _, nbytes, key in usage:
+            if total + size <= budget:
+                return
+            other = self._objects.get(key)
+            if other is not None and not other.evict():
+                continue
+            self.cachedir.remove(key)
+            total -= nbytes
+        if total + size > budget:
+            raise NotEnoughSpace(
+                f"{obj.name}: {size} bytes do not fit in --cache-size {budget} next to the "
+                "objects that are open; raise it or close files"
+            )
 
     def invalidate_kernel_cache(self, obj: MountedObject) -> None:
         """Hook for the FUSE layer: drop the kernel's pages of ``obj`` (set by ops)."""

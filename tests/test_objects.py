@@ -12,7 +12,13 @@ import pytest
 import trio
 
 from rangefs.digests import Digest
-from rangefs.errors import DigestMismatch, ReadTimeout, RemoteChanged, RetriesExhausted
+from rangefs.errors import (
+    DigestMismatch,
+    NotEnoughSpace,
+    ReadTimeout,
+    RemoteChanged,
+    RetriesExhausted,
+)
 from rangefs.objects import MountedObject, ObjectStore, Prefetch, StoreConfig
 from rangefs.ratecontrol import BackoffPolicy
 from rangefs.urllist import Entry
@@ -40,9 +46,10 @@ async def running(entries: list[Entry], cache_dir: Path,
         nursery.cancel_scope.cancel()
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 20) -> None:
-    """Poll ``predicate`` (state owned by the store's own tasks) until true or timeout."""
-    with trio.fail_after(timeout):
+async def wait_until(predicate: Callable[[], bool], limit: float = 20) -> None:
+    """Poll ``predicate`` (state owned by the store's own tasks) until true, at most
+    ``limit`` seconds."""
+    with trio.fail_after(limit):
         while not predicate():  # noqa: ASYNC110 - polling state that has no event
             await trio.sleep(0.01)
 
@@ -234,3 +241,30 @@ async def test_size_from_the_list_needs_no_probe(origin: FaultServer, tmp_path: 
     async with running([e], tmp_path) as get:
         assert (await get(e).attrs()).size == 5000
     assert origin.log == []
+
+
+async def test_cache_size_evicts_least_recently_used(origin: FaultServer,
+                                                     tmp_path: Path) -> None:
+    mib = 1 << 20
+    entries = []
+    for i in range(4):
+        origin.add(f"/o{i}", mib)
+        entries.append(entry(origin, f"/o{i}"))
+    async with running(entries, tmp_path, cache_size=3 * mib + mib // 2) as get:
+        for e in entries:
+            check(f"/{e.path}", 0, await read_all(get(e)))
+            await trio.sleep(0.01)  # distinct last-use times
+        with_data = [p.name for p in (tmp_path / "objects").iterdir()]
+        assert len(with_data) == 3  # the least recently used object went
+        assert get(entries[0]).cached_bytes() == 0
+        origin.reset_log()
+        check("/o0", 0, await read_all(get(entries[0])))  # fetched again
+        assert origin.bytes_sent("/o0") >= mib
+
+
+async def test_object_larger_than_the_cache_budget(origin: FaultServer, tmp_path: Path) -> None:
+    origin.add("/big", 2 << 20)
+    e = entry(origin, "/big")
+    async with running([e], tmp_path, cache_size=1 << 20) as get:
+        with pytest.raises(NotEnoughSpace, match="cache-size"):
+            await get(e).open()

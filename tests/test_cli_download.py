@@ -1,0 +1,108 @@
+"""`rangefs download` and `rangefs cat` as a user runs them (subprocess, real origin)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rangefs.download import partial_dir
+from tests.content import check, sha256_of
+from tests.faultserver import FaultServer
+
+RANGEFS = [sys.executable, "-m", "rangefs.cli"]
+
+
+def rangefs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*RANGEFS, *args], capture_output=True, timeout=timeout, check=False)
+
+
+def test_download_and_cat(origin: FaultServer, tmp_path: Path) -> None:
+    size = 5 * 1024 * 1024 + 1
+    origin.add("/dir/a.bin", size)
+    done = rangefs("download", "--block-size", "256K", origin.url("/dir/a.bin"), str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    check("/dir/a.bin", 0, (tmp_path / "a.bin").read_bytes())
+    assert b"5242881 bytes" in done.stderr
+    cat = rangefs("cat", origin.url("/dir/a.bin"))
+    assert cat.returncode == 0, cat.stderr
+    check("/dir/a.bin", 0, cat.stdout)
+    assert len(cat.stdout) == size
+
+
+def test_download_checks_the_given_sha256(origin: FaultServer, tmp_path: Path) -> None:
+    origin.add("/a", 100_000)
+    dest = tmp_path / "a"
+    bad = rangefs("download", "--sha256", "0" * 64, origin.url("/a"), str(dest))
+    assert bad.returncode == 1
+    assert bad.stderr.decode().count("\n") == 1 and b"expected 0000" in bad.stderr
+    assert not dest.exists()
+    good = rangefs("download", "--sha256", sha256_of("/a", 100_000), origin.url("/a"), str(dest))
+    assert good.returncode == 0, good.stderr
+    assert b"sha256 verified" in good.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--block-size", "12K"], b"power of two"),
+        (["--concurrency", "0"], b"concurrency"),
+        (["--sha256", "xyz"], b"--sha256"),
+        (["--header", "no colon"], b"Name: value"),
+    ],
+)
+def test_bad_options_exit_2(origin: FaultServer, tmp_path: Path, args: list[str],
+                            message: bytes) -> None:
+    result = rangefs("download", *args, origin.url("/a"), str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_missing_object_exits_1_with_one_line(origin: FaultServer, tmp_path: Path) -> None:
+    result = rangefs("download", origin.url("/missing?sig=SECRET"), str(tmp_path / "x"))
+    assert result.returncode == 1
+    line = result.stderr.decode()
+    assert line.startswith("rangefs: ") and line.count("\n") == 1 and "404" in line
+    assert "SECRET" not in line
+
+
+def test_existing_dest_is_a_usage_error(origin: FaultServer, tmp_path: Path) -> None:
+    origin.add("/a", 10)
+    (tmp_path / "a").write_bytes(b"mine")
+    result = rangefs("download", origin.url("/a"), str(tmp_path / "a"))
+    assert result.returncode == 2 and b"--force" in result.stderr
+    assert rangefs("download", "--force", origin.url("/a"), str(tmp_path / "a")).returncode == 0
+    check("/a", 0, (tmp_path / "a").read_bytes())
+
+
+def test_kill_9_then_rerun_resumes(origin: FaultServer, tmp_path: Path) -> None:
+    size = 48 * 1024 * 1024
+    origin.add("/big", size)
+    origin.delay = 0.02
+    dest = tmp_path / "big"
+    args = [*RANGEFS, "download", "--block-size", "256K", "--concurrency", "2",
+            "--max-rate", "16M", origin.url("/big"), str(dest)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while origin.bytes_sent("/big") < size // 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)  # let the index be persisted at least once
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not dest.exists() and partial_dir(dest).exists()
+    first = origin.bytes_sent("/big")
+    origin.reset_log()
+    origin.delay = 0
+    rerun = subprocess.run(args, capture_output=True, timeout=60, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    check("/big", 0, dest.read_bytes())
+    resumed = int(rerun.stderr.split(b"downloaded, ")[1].split(b" resumed")[0])
+    assert resumed > 0
+    assert origin.bytes_sent("/big") <= size - resumed + 64 * 1024
+    assert first + origin.bytes_sent("/big") >= size
+    assert os.listdir(tmp_path) == ["big"]
