@@ -72,11 +72,12 @@ class FetchStats:
 class _Flight:
     """One run of adjacent blocks [first, last] being fetched by one request at a time."""
 
-    __slots__ = ("changed", "demand", "error", "first", "last", "next_block")
+    __slots__ = ("changed", "demand", "error", "first", "last", "next_block", "sequential")
 
-    def __init__(self, first: int, last: int, *, demand: bool) -> None:
+    def __init__(self, first: int, last: int, *, demand: bool, sequential: bool = False) -> None:
         self.first = first
         self.last = last
+        self.sequential = sequential  # one whole-object GET; writes every missing block
         self.next_block = first  # the first block of the run not yet written
         self.demand = demand
         self.error: RangefsError | None = None
@@ -129,6 +130,11 @@ class ObjectFetcher:
         self._nursery: trio.Nursery | None = None
         self._stopped = False  # set by stop(): no block may be written any more
         self._fatal: RangefsError | None = None  # set when the remote changed
+        # Sequential mode, for servers without Range support: one whole-object stream writes
+        # every missing block as it passes; readers wait for the front to reach theirs.
+        self._sequential = not reader.info.accept_ranges
+        self._seq_flight: _Flight | None = None
+        self._range_refusals = 0  # consecutive answers that ignored Range
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -179,14 +185,19 @@ class ObjectFetcher:
             block = next_missing
             if self._fatal is not None:
                 raise self._fatal
-            self._start_flights(block, last, demand=True)
-            flight = self._inflight[block]
+            if self._sequential:
+                flight = self._sequential_flight()
+            else:
+                self._start_flights(block, last, demand=True)
+                flight = self._inflight[block]
             # no await between the lookup above and subscribing here
             changed = flight.changed
             while not bitmap.is_block_set(block) and not flight.done:
                 await changed.wait()
                 changed = flight.changed
             if not bitmap.is_block_set(block) and flight.error is not None:
+                if isinstance(flight.error, RangeNotSupported) and self._sequential:
+                    continue  # that flight found out; the sequential stream takes over
                 raise flight.error
             # else: the block is here, or its flight stopped without it: look again
 
@@ -212,6 +223,9 @@ class ObjectFetcher:
 
         async def worker() -> None:
             while not errors:
+                if self._sequential:
+                    await self._follow_sequential(errors)
+                    return
                 run = self._claim_fill_run()
                 if run is None:
                     if self.cache.complete():
@@ -234,6 +248,32 @@ class ObjectFetcher:
             raise errors[0]
 
     # -- internals -----------------------------------------------------------------------
+
+    def _sequential_flight(self) -> _Flight:
+        """The running whole-object stream, started if there is none. No await."""
+        assert self._nursery is not None, "fetcher.run() is not running"
+        flight = self._seq_flight
+        if flight is None or flight.done:
+            flight = _Flight(0, self.cache.num_blocks - 1, demand=True, sequential=True)
+            self._seq_flight = flight
+            self._nursery.start_soon(self._run_flight, flight)
+        return flight
+
+    async def _follow_sequential(self, errors: list[RangefsError]) -> None:
+        """Background fill in sequential mode: wait for the stream, restart it if it failed."""
+        while not self.cache.complete():
+            flight = self._sequential_flight()
+            while not flight.done:
+                await flight.changed.wait()
+            if flight.error is not None and not self.cache.complete():
+                errors.append(flight.error)
+                return
+
+    def _enter_sequential(self) -> None:
+        if not self._sequential:
+            self._sequential = True
+            log.warning("%s: the server ignores Range requests; reading the object with one "
+                        "sequential stream from now on", self.reader.name)
 
     def _claim_fill_run(self) -> tuple[int, int] | None:
         """The next run of missing, idle blocks from the cursor (wrapping), or None."""
@@ -299,8 +339,18 @@ class ObjectFetcher:
                         break
                     try:
                         await self._request(flight)
-                    except TransientError as exc:
+                    except (TransientError, RangeNotSupported) as caught:
                         self.stats.errors += 1
+                        if isinstance(caught, RangeNotSupported):
+                            self._range_refusals += 1
+                            if self._range_refusals >= 2 or flight.sequential:
+                                # twice in a row: not a fluke, the server ignores Range
+                                self._enter_sequential()
+                                error = caught
+                                break
+                            exc = TransientError(str(caught))
+                        else:
+                            exc = caught
                         if exc.retry_after is not None:
                             hold = min(exc.retry_after, self._backoff.retry_after_cap)
                             self._hold_until = max(self._hold_until, trio.current_time() + hold)
@@ -322,11 +372,6 @@ class ObjectFetcher:
                         self.stats.errors += 1
                         error = exc
                         self._remote_changed(exc)
-                        break
-                    except RangeNotSupported as exc:
-                        self.stats.errors += 1
-                        error = exc
-                        log.warning("%s: %s", self.reader.name, exc)
                         break
                     except SourceError as exc:
                         self.stats.errors += 1
@@ -362,13 +407,18 @@ class ObjectFetcher:
         await self._limiter.wait_request()
         cache = self.cache
         size, bs = cache.size, cache.block_size
-        rng = self._range(flight)
+        if flight.sequential:
+            rng = ByteRange(0, size - 1)
+            flight.next_block = 0  # without Range, every attempt starts at byte 0
+        else:
+            rng = self._range(flight)
         self.stats.requests += 1
         block = flight.next_block
         want = range_for_index(block, size, bs).size
         buf = bytearray(bs)
         filled = 0
         async with self.reader.open_range(rng) as body:
+            self._range_refusals = 0  # the answer passed its checks
             async for chunk in body:
                 await self._limiter.wait_bytes(len(chunk))
                 self.stats.bytes_received += len(chunk)
@@ -381,9 +431,10 @@ class ObjectFetcher:
                     if filled == want:
                         if self._stopped:
                             raise InternalError(f"{self.reader.name}: fetcher stopped")
-                        data = buf if want == bs else memoryview(buf)[:want]
-                        cache.write_block(block, data)
-                        self.stats.blocks_written += 1
+                        if not cache.is_cached(block):
+                            data = buf if want == bs else memoryview(buf)[:want]
+                            cache.write_block(block, data)
+                            self.stats.blocks_written += 1
                         if self._inflight.get(block) is flight:
                             del self._inflight[block]
                         block += 1

@@ -500,6 +500,13 @@ class HttpReader(Reader):
         if parsed is None:
             raise TransientError(f"{label}: 206 answer without a valid Content-Range{at}")
         start, end, total = parsed
+        etag = headers.get("etag")
+        if total != size and etag and self.info.etag and not etag.startswith("W/"):
+            # the same strong ETag with another total: a broken answer, not a new version
+            raise TransientError(
+                f"{label}: Content-Range total {total} contradicts the size {size} of the "
+                f"same ETag{at}"
+            )
         if total != size:
             raise RemoteChanged(
                 f"{label}: the remote object changed (the server says {total} bytes, "

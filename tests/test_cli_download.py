@@ -106,3 +106,21 @@ def test_kill_9_then_rerun_resumes(origin: FaultServer, tmp_path: Path) -> None:
     assert origin.bytes_sent("/big") <= size - resumed + 64 * 1024
     assert first + origin.bytes_sent("/big") >= size
     assert os.listdir(tmp_path) == ["big"]
+
+
+def test_256_mib_with_faults_on_a_fifth_of_requests(origin: FaultServer, tmp_path: Path) -> None:
+    size = 256 * 1024 * 1024
+    origin.add("/big", size)
+    origin.fault_probability(
+        "/big", 0.2,
+        ["status", "reset", "reset_body", "short_body", "wrong_start", "wrong_total",
+         "wrong_length", "ignore_range", "gzip"],
+        seed=5,
+    )
+    dest = tmp_path / "big"
+    result = rangefs("download", "--sha256", sha256_of("/big", size), "--retries", "12",
+                     origin.url("/big"), str(dest), timeout=240)
+    assert result.returncode == 0, result.stderr
+    faulted = [r for r in origin.gets("/big") if r.fault is not None]
+    assert len(faulted) >= 5  # the faults really happened
+    check("/big", 0, dest.read_bytes())

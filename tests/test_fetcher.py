@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,13 @@ from rangefs.cache import LocalDownloadCache
 from rangefs.cachefiles import ObjectIdentity
 from rangefs.errors import (
     PermanentError,
+    RangeNotSupported,
     RemoteChanged,
     RetriesExhausted,
     TransientError,
 )
 from rangefs.fetcher import ObjectFetcher
+from rangefs.ranges import ByteRange
 from rangefs.ratecontrol import BackoffPolicy, Limiter
 from tests.content import check
 from tests.fakereader import FakeReader, ShortBody
@@ -208,3 +211,44 @@ async def test_empty_object(harness: Harness) -> None:
     await harness.fetcher.fill(2)
     assert harness.cache.complete()
     assert harness.reader.requests == []
+
+
+async def test_one_ignored_range_is_retried(harness: Harness) -> None:
+    harness.reader.faults = [RangeNotSupported("200 to a range request")]
+    await harness.fetcher.fetch(5, 6)
+    assert len(harness.reader.requests) == 2
+    assert all(r.size == 2 * BS for r in harness.reader.requests)
+    check_cached(harness, 5, 6)
+
+
+async def test_a_server_that_keeps_ignoring_range_is_read_sequentially(
+    harness: Harness,
+) -> None:
+    harness.reader.faults = [RangeNotSupported("200"), RangeNotSupported("200")]
+    await harness.fetcher.fetch(40, 41)  # waits for the stream's front to pass block 41
+    assert harness.reader.requests[-1] == ByteRange(0, harness.cache.size - 1)
+    check_cached(harness, 40, 41)
+    await harness.fetcher.fill(4)
+    assert harness.cache.complete()
+    check_cached(harness, 0, harness.cache.num_blocks - 1)
+    assert sum(1 for r in harness.reader.requests if r.start == 0 and r.size > BS) == 1
+
+
+async def test_no_accept_ranges_starts_in_sequential_mode(tmp_path: Path) -> None:
+    size = 10 * BS + 5
+    cache = make_cache(tmp_path, size)
+    reader = FakeReader("obj", size)
+    reader.info = replace(reader.info, accept_ranges=False)
+    reader.faults = [ShortBody(after=3 * BS + 7)]  # the first stream breaks: start over
+    fetcher = ObjectFetcher(cache, reader, limiter=Limiter(), backoff=BackoffPolicy(initial=0.01),
+                            demand_slots=trio.CapacityLimiter(2),
+                            fill_slots=trio.CapacityLimiter(2))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.run)
+        await fetcher.fetch(9, 10)
+        await fetcher.fill(2)
+        nursery.cancel_scope.cancel()
+    assert cache.complete()
+    assert reader.requests == [ByteRange(0, size - 1)] * 2
+    check("obj", 0, cache.read_at(0, size))
+    cache.close()
