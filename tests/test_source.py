@@ -461,7 +461,8 @@ async def test_good_ranges_including_the_last_byte(
     ids=[
         "wrong-start",
         "wrong-end",
-        "wrong-total",
+        "wrong-total-same-etag",
+        "wrong-total-no-etag",
         "unknown-total",
         "garbled",
         "missing",
