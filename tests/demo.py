@@ -103,9 +103,26 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def copy_with_progress(src: Path, dest: Path, size: int) -> None:
+    """``cp SRC DEST`` with a progress line drawn from DEST's growing size."""
+    print(f"$ cp {src} {dest}", flush=True)
+    proc = subprocess.Popen(["cp", str(src), str(dest)])
+    start = time.monotonic()
+    while proc.poll() is None:
+        time.sleep(0.2)
+        done = dest.stat().st_size if dest.exists() else 0
+        rate = done / (1 << 20) / max(time.monotonic() - start, 1e-3)
+        bar = "#" * int(30 * done / max(size, 1))
+        print(f"\r   [{bar:<30}] {done / (1 << 20):7.1f} / {size / (1 << 20):.1f} MiB "
+              f"{rate:7.1f} MiB/s", end="", flush=True)
+    print()
+    if proc.returncode != 0:
+        raise SystemExit(f"demo: cp failed with exit code {proc.returncode}")
+
+
 def copy_and_verify(src: Path, dest: Path, size: int, key: str) -> float:
     start = time.monotonic()
-    run(["cp", str(src), str(dest)])
+    copy_with_progress(src, dest, size)
     seconds = time.monotonic() - start
     got = sha256_file(dest)
     want = sha256_of(key, size)
@@ -163,12 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         stop(origin)
         mount(urls, mnt, cache, log)
         copy_and_verify(mnt / "images/disk.img", out / "disk.img", big, "/disk.img")
-        unmount(mnt)
         say("demo passed: exact bytes cold, and again from the cache with the origin down")
-        print(f"   log: {log}")
+        if args.keep:
+            print(f"   the mount is at {mnt} (cache {cache}, log {log}); the origin is stopped,\n"
+                  f"   so only cached files read. Unmount with: fusermount3 -u {mnt}")
+        else:
+            print(f"   the mount was at {mnt}; unmounting it (fusermount3 -u {mnt}) and removing "
+                  f"{workdir}. Run with --keep to leave it mounted.")
+            unmount(mnt)
         return 0
     finally:
-        unmount(mnt)
+        if not args.keep:
+            unmount(mnt)
         stop(origin)
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
