@@ -3,35 +3,41 @@
 Exit codes: 0 ok (also after SIGTERM/SIGHUP or an outside unmount), 1 runtime failure,
 2 usage (bad option, bad URL list, bad mount point, unusable cache directory),
 130 interrupted by SIGINT. Errors are one line on stderr, prefixed ``rangefs:``.
-Header values (credentials) are never logged nor echoed in an error message.
+Header values (credentials) are never logged nor echoed in an error message; every log
+line also goes through :class:`RedactingFormatter` (what libraries log at --debug). The
+cache directory, and a download's partial directory, must be private (ours, writable by
+no one else), else exit 2: nobody else may plant a symlink where rangefs writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import logging.handlers
+import math
 import os
 import re
+import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import unquote, urlsplit
 
 import click
 import trio
 
 from . import service
 from .digests import parse_digest
-from .download import DownloadOptions, DownloadStats, cat_url, download_file
+from .download import DownloadOptions, DownloadStats, cat_url, download_file, partial_dir
 from .errors import CacheLocked, RangefsError, UsageError
 from .mount import MountConfig, check_mountpoint, run_mount
 from .objects import Prefetch, StoreConfig
 from .ratecontrol import BackoffPolicy
-from .redact import redact_url
+from .redact import redact_text, redact_url
 from .source import HttpOptions
-from .urllist import read_url_list
+from .urllist import default_name, read_url_list, url_problem
 
 log = logging.getLogger("rangefs.cli")
 
@@ -46,10 +52,20 @@ DEFAULT_BLOCK_SIZE = 1 << 20
 DEFAULT_CONCURRENCY = 16
 DEFAULT_READ_TIMEOUT = 60.0
 
+MAX_SIZE = (1 << 63) - 1  # the largest size option (the largest off_t)
+
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d{1,30}(?:\.\d{1,30})?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_FORBIDDEN_HEADERS = frozenset({"range", "if-range", "accept-encoding", "host", "content-length"})
+# A header value: visible ASCII, spaces and tabs (httpx sends ASCII only).
+_HEADER_VALUE_RE = re.compile(r"^[\t\x20-\x7e]*$")
+# Headers rangefs sets itself, hop-by-hop headers, and conditions that would change what a
+# range request means (rangefs sends If-Range itself).
+_FORBIDDEN_HEADERS = frozenset({
+    "range", "if-range", "accept-encoding", "host", "content-length", "transfer-encoding",
+    "connection", "keep-alive", "te", "trailer", "upgrade", "expect", "if-match",
+    "if-none-match", "if-modified-since", "if-unmodified-since",
+})
 
 
 # -- values ------------------------------------------------------------------------------
@@ -61,9 +77,11 @@ def parse_size(text: str) -> int:
     if match is None:
         raise ValueError(f"{text!r} is not a size (examples: 4096, 256K, 1M, 20G)")
     number, unit = match.groups()
-    value = float(number) * _UNITS[unit.lower()]
-    if value != int(value):
+    value = Fraction(number) * _UNITS[unit.lower()]  # exact, whatever the size
+    if value.denominator != 1:
         raise ValueError(f"{text!r} is not a whole number of bytes")
+    if value > MAX_SIZE:
+        raise ValueError(f"{text!r} is too large")
     return int(value)
 
 
@@ -101,6 +119,21 @@ class SizeType(_IntParamType):
         return size
 
 
+class SecondsType(click.FloatRange):
+    """A positive number of seconds (``inf``: no limit); NaN is refused."""
+
+    name = "SECONDS"
+
+    def __init__(self) -> None:
+        super().__init__(min=0, min_open=True)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if math.isnan(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
+
+
 def _human(size: int) -> str:
     for unit in ("T", "G", "M", "K"):
         if size >= _UNITS[unit.lower()] and size % _UNITS[unit.lower()] == 0:
@@ -119,6 +152,11 @@ def parse_header(text: str) -> tuple[str, str]:
     value = value.strip()
     if any(c in value for c in "\r\n\0"):
         raise ValueError(f"header {name} has a line break or NUL in its value")
+    if not _HEADER_VALUE_RE.match(value):
+        raise ValueError(
+            f"header {name} has a control or non-ASCII character in its value "
+            "(only printable ASCII can be sent)"
+        )
     return name, value
 
 
@@ -147,10 +185,11 @@ def default_cache_dir(environ: dict[str, str] | os._Environ[str] | None = None) 
 
 
 def prepare_cache_dir(path: Path) -> Path:
-    """Create the cache directory (0700) if needed; UsageError if it cannot be used."""
+    """Create the cache directory (0700, and any missing parent 0700 too) if needed;
+    UsageError if it cannot be used or is not private (see :func:`check_private_dir`)."""
     path = path.absolute()
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(path)
     except OSError as exc:
         raise UsageError(
             f"cache directory {path} cannot be created ({exc.strerror}): "
@@ -160,6 +199,7 @@ def prepare_cache_dir(path: Path) -> Path:
         raise UsageError(
             f"cache directory {path} is not a directory: choose another with --cache-dir"
         )
+    check_private_dir(path, "cache directory", "choose another with --cache-dir")
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
         raise UsageError(
             f"cache directory {path} is not writable: choose another with --cache-dir"
@@ -167,10 +207,58 @@ def prepare_cache_dir(path: Path) -> Path:
     return path
 
 
+def make_private_dirs(path: Path) -> None:
+    """``mkdir -p`` with mode 0700 for every directory it creates (``os.makedirs`` gives
+    the parents 0777 - umask, which umask 000 leaves open to everyone). OSError."""
+    missing: list[Path] = []
+    current = path
+    while not os.path.lexists(current) and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+
+
+def check_private_dir(path: Path, what: str, advice: str) -> None:
+    """UsageError unless the directory ``path`` belongs to us (or root) and no one else may
+    write to it: another user could plant a symlink there and have rangefs overwrite any
+    file it can write through it."""
+    st = os.stat(path)
+    if st.st_uid not in (os.geteuid(), 0):
+        raise UsageError(f"{what} {path} belongs to another user (uid {st.st_uid}): {advice}")
+    if st.st_mode & 0o022:
+        raise UsageError(
+            f"{what} {path} can be written by other users (mode {stat.S_IMODE(st.st_mode):o}): "
+            f"make it private (chmod 700 {path}) or {advice}"
+        )
+
+
 # -- logging -----------------------------------------------------------------------------
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _QUIET_LIBRARIES = ("httpx", "httpcore", "pyfuse3", "hpack")
+_MIN_SECRET = 4  # shorter header values are not searched for in log lines
+
+
+class RedactingFormatter(logging.Formatter):
+    """A formatter whose every line (traceback included) goes through :func:`redact_text`:
+    no URL userinfo, no query value, and no header value given to rangefs (see
+    :func:`hide_in_logs`). rangefs' own messages are redacted already; this catches what
+    libraries log at --debug (httpx logs every URL with its signed query, httpcore the
+    response headers, a redirect's Location included)."""
+
+    secrets: frozenset[str] = frozenset()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record), self.secrets)
+
+
+def hide_in_logs(values: Iterable[str]) -> None:
+    """Never let any of ``values`` (header values: credentials) appear in a log line."""
+    RedactingFormatter.secrets = RedactingFormatter.secrets | {
+        v for v in values if len(v) >= _MIN_SECRET
+    }
 
 
 def setup_logging(*, verbose: int, debug: bool, log_file: str | None) -> None:
@@ -180,7 +268,7 @@ def setup_logging(*, verbose: int, debug: bool, log_file: str | None) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    formatter = logging.Formatter(_FORMAT)
+    formatter = RedactingFormatter(_FORMAT)
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(formatter)
     root.addHandler(stderr)
@@ -205,7 +293,7 @@ def _log_to_syslog_when_detached() -> None:
     except OSError:
         return
     handler.setFormatter(
-        logging.Formatter("rangefs[%(process)d]: %(levelname)s %(name)s: %(message)s")
+        RedactingFormatter("rangefs[%(process)d]: %(levelname)s %(name)s: %(message)s")
     )
     logging.getLogger().addHandler(handler)
 
@@ -257,7 +345,7 @@ def rangefs() -> None:
               help="Background fill: 'open' fills every opened file completely, 'none' only "
                    "fetches what readers ask for (plus read-ahead), 'all' fills every object "
                    "of the list from mount time.")
-@click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True),
+@click.option("--read-timeout", type=SecondsType(),
               default=DEFAULT_READ_TIMEOUT, show_default=True, metavar="SECONDS",
               help="How long a read() waits for its blocks before failing with EIO (the mount "
                    "stays up and the fetch may go on).")
@@ -326,7 +414,9 @@ def mount_command(
                 max_rate=float(max_rate) if max_rate is not None else None,
                 prefetch=Prefetch(prefetch),
                 read_timeout=read_timeout,
-                http=HttpOptions(headers=http_headers),
+                # a stalled body is dropped and retried well within a reader's deadline
+                http=HttpOptions(headers=http_headers,
+                                 read_timeout=min(30.0, max(1.0, read_timeout / 2))),
                 cache_size=cache_size,
             ),
             allow_other=allow_other,
@@ -369,6 +459,7 @@ def _http_headers(headers: Sequence[str], header_file: str | None) -> tuple[tupl
             raise click.BadParameter(str(exc), param_hint="'--header'") from None
     if header_file is not None:
         header_list.extend(read_header_file(header_file))
+    hide_in_logs(value for _, value in header_list)
     return tuple(header_list)
 
 
@@ -390,7 +481,7 @@ def _transfer_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--retries", type=click.IntRange(0, 100), default=8, show_default=True,
                      help="Retries of a failing request (backoff with jitter, Retry-After "
                           "honoured) before it counts as failed."),
-        click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True),
+        click.option("--read-timeout", type=SecondsType(),
                      default=30.0, show_default=True, metavar="SECONDS",
                      help="A request whose body stalls this long is retried."),
         click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
@@ -426,6 +517,18 @@ def _download_options(
         digest=digest,
         force=force,
     )
+
+
+def _job_options(url: str, **kw: Any) -> DownloadOptions:
+    """The options of a download or cat of ``url``: exit 2 (one line) for a URL that is
+    not http(s) or an unusable header file."""
+    problem = url_problem(url)
+    if problem is not None:
+        _fail(problem, EXIT_USAGE)
+    try:
+        return _download_options(**kw)
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE)
 
 
 def _run_job(job: Callable[[], Any]) -> Any:
@@ -466,6 +569,30 @@ class _ProgressLine:
             click.echo("", err=True)
 
 
+def _private_part_dir(dest: Path) -> bool:
+    """Make ``DEST.rangefs-part/`` ours before the download writes into it: created here
+    (0700), or, left by an earlier run, a real directory of ours that no one else may
+    write to (else exit 2: a planted symlink in it would make rangefs overwrite another
+    file). True if created here."""
+    part = partial_dir(dest)
+    if not dest.parent.is_dir():
+        return False  # download_file says so
+    try:
+        os.mkdir(part, 0o700)
+        return True
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        _fail(f"cannot create {part}: {exc.strerror}", EXIT_USAGE)
+    if not stat.S_ISDIR(os.lstat(part).st_mode):
+        _fail(f"{part} is not a directory (a symlink?): remove it", EXIT_USAGE)
+    try:
+        check_private_dir(part, "partial download", f"remove it (rm -r {part})")
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    return False
+
+
 @rangefs.command("download")
 @click.argument("url")
 @click.argument("dest", required=False, type=click.Path(dir_okay=True, path_type=Path))
@@ -482,20 +609,21 @@ def download_command(url: str, dest: Path | None, force: bool, progress: bool | 
     only when complete and, when a digest is known, verified. Exit 0 only then.
     """
     setup_logging(verbose=verbose, debug=False, log_file=None)
-    options = _download_options(force=force, **kw)
-    if dest is None:
-        name = Path(unquote(urlsplit(url).path)).name
-        if not name:
+    options = _job_options(url, force=force, **kw)
+    if dest is None or dest.is_dir():
+        name, _ = default_name(url)
+        if name is None:
             _fail(f"cannot name the file after {redact_url(url)}: give DEST", EXIT_USAGE)
-        dest = Path(name)
-    elif dest.is_dir():
-        name = Path(unquote(urlsplit(url).path)).name
-        if not name:
-            _fail(f"cannot name the file after {redact_url(url)}: give DEST", EXIT_USAGE)
-        dest = dest / name
+        dest = Path(name) if dest is None else dest / name
+    created = _private_part_dir(dest)
     line = _ProgressLine(sys.stderr.isatty() if progress is None else progress)
     try:
         result = _run_job(functools.partial(download_file, url, dest, options, progress=line))
+    except SystemExit:
+        if created:  # nothing to resume from: leave nothing behind
+            with contextlib.suppress(OSError):
+                os.rmdir(partial_dir(dest))
+        raise
     finally:
         line.finish()
     verified = f", {result.verified.algorithm} verified" if result.verified else ""
@@ -517,7 +645,7 @@ def cat_command(url: str, verbose: int, **kw: Any) -> None:
     mismatch the bytes were already written, and the exit code is 1.
     """
     setup_logging(verbose=verbose, debug=False, log_file=None)
-    options = _download_options(**kw)
+    options = _job_options(url, **kw)
     _run_job(functools.partial(cat_url, url, sys.stdout.fileno(), options))
 
 

@@ -21,6 +21,10 @@ Concurrency protocol (everything runs on the one trio thread):
   server's Retry-After holds every request of the object until it has passed. A flight
   that gives up stores its error and frees its remaining blocks; its waiters raise it, and
   the next reader starts a new flight.
+- A server that ignores Range (two refusals in a row, or no ``Accept-Ranges`` at the probe)
+  puts the object in sequential mode: one whole-object stream writes every missing block as
+  it passes and readers wait for its front. From then on no range request is started (not
+  by retries, read-ahead or fill): each would only bring the whole object again.
 
 What a crash leaves on disk: blocks written since the cache's last flush are not claimed
 by the index (see cache.py) and are fetched again; a partly received block is never written.
@@ -196,18 +200,20 @@ class ObjectFetcher:
                 await changed.wait()
                 changed = flight.changed
             if not bitmap.is_block_set(block) and flight.error is not None:
-                if isinstance(flight.error, RangeNotSupported) and self._sequential:
-                    continue  # that flight found out; the sequential stream takes over
+                if self._handed_to_stream(flight.error):
+                    continue  # the object is read by one stream now: wait for that
                 raise flight.error
             # else: the block is here, or its flight stopped without it: look again
 
     def prefetch(self, first: int, last: int) -> None:
         """Start background flights for the missing, idle blocks of ``first..last``.
 
-        Does not wait; read-ahead for sequential readers. Safe to call often.
+        Does not wait; read-ahead for sequential readers. Safe to call often. In sequential
+        mode it does nothing: the one stream already writes every block ahead of its front,
+        and a range request would only bring another whole-object answer.
         """
         last = min(last, self.cache.num_blocks - 1)
-        if first <= last and self._nursery is not None:
+        if first <= last and self._nursery is not None and not self._sequential:
             self._start_flights(first, last, demand=False)
 
     # -- background fill -----------------------------------------------------------------
@@ -238,7 +244,7 @@ class ObjectFetcher:
                     continue
                 flight = self._register(run[0], run[1], demand=False)
                 await self._run_flight(flight)
-                if flight.error is not None:
+                if flight.error is not None and not self._handed_to_stream(flight.error):
                     errors.append(flight.error)
 
         async with trio.open_nursery() as nursery:
@@ -248,6 +254,10 @@ class ObjectFetcher:
             raise errors[0]
 
     # -- internals -----------------------------------------------------------------------
+
+    def _handed_to_stream(self, error: RangefsError) -> bool:
+        """True if a range flight ended because the object is now read by one stream."""
+        return isinstance(error, RangeNotSupported) and self._sequential
 
     def _sequential_flight(self) -> _Flight:
         """The running whole-object stream, started if there is none. No await."""
@@ -337,6 +347,14 @@ class ObjectFetcher:
                     if self._fatal is not None:
                         error = self._fatal
                         break
+                    if self._sequential and not flight.sequential:
+                        # another flight found that the server ignores Range: no more range
+                        # requests (each would bring the whole object); the stream takes over
+                        error = RangeNotSupported(
+                            f"{self.reader.name} {self._range(flight)}: the server ignores "
+                            "Range; left to the sequential stream"
+                        )
+                        break
                     try:
                         await self._request(flight)
                     except (TransientError, RangeNotSupported) as caught:
@@ -405,6 +423,8 @@ class ObjectFetcher:
         if self._hold_until > now:
             await trio.sleep_until(self._hold_until)
         await self._limiter.wait_request()
+        if self._sequential and not flight.sequential:
+            return  # the mode changed while this waited: _run_flight ends the flight
         cache = self.cache
         size, bs = cache.size, cache.block_size
         if flight.sequential:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -28,3 +30,32 @@ def redact_url(url: str) -> str:
             items.append(f"{key}=REDACTED" if sep else "REDACTED")
         query = "&".join(items)
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+# userinfo of an absolute URL anywhere in a text: 'scheme://user:pass@'
+_USERINFO_IN_TEXT = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@'\"<>]*@")
+# the query of a URL or of a path anywhere in a text: '?' after a non-blank character, up to
+# a blank, a quote, '<', '>' or '#'
+_QUERY_IN_TEXT = re.compile(r"(?<=[^\s'\"(\[<])\?([^\s'\"<>#]+)")
+
+
+def _redact_query(match: re.Match[str]) -> str:
+    items = []
+    for item in match.group(1).split("&"):
+        key, sep, _ = item.partition("=")
+        items.append(f"{key}=REDACTED" if sep else "REDACTED")
+    return "?" + "&".join(items)
+
+
+def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` (a log line, a message) with every URL userinfo and every query value
+    replaced (as :func:`redact_url` does, for URLs and relative paths found anywhere in the
+    text), and every string of ``secrets`` replaced by ``REDACTED``. Never raises."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, "REDACTED")
+    if "@" in text:
+        text = _USERINFO_IN_TEXT.sub(r"\1", text)
+    if "?" in text:
+        text = _QUERY_IN_TEXT.sub(_redact_query, text)
+    return text

@@ -133,6 +133,26 @@ def _default_path(url: str, url_path: str) -> tuple[str | None, str]:
     return name, ""
 
 
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be fetched (not http(s), no host, bad port, a control character),
+    or None. The reason shows the URL redacted."""
+    bad = _BAD_CHARACTER.search(url)
+    if bad:
+        return f"control character U+{ord(bad.group()):04X} in the URL"
+    url_path, problem = _url_path(url)
+    return problem if url_path is None else None
+
+
+def default_name(url: str) -> tuple[str | None, str]:
+    """The file name the URL list gives ``url`` when no PATH is given (its last path
+    segment, percent-decoded), or (None, why there is none: no segment, '.', '..', a '/'
+    or a control character once decoded, not UTF-8). The reason shows the URL redacted."""
+    url_path, problem = _url_path(url)
+    if url_path is None:
+        return None, problem
+    return _default_path(url, url_path)
+
+
 def _check_path(path: str) -> str | None:
     """Why ``path`` (control characters already excluded) is unusable, or None."""
     if "://" in path:
