@@ -76,6 +76,9 @@ LOCK_NAME = "lock"
 
 Buffer = bytes | bytearray | memoryview
 
+#: ``needs_flush`` waits at least this many times as long as the last index write took.
+FLUSH_COST_FACTOR = 20
+
 
 def _now() -> float:
     """trio's clock inside ``trio.run`` (so autojump clocks work), else time.monotonic."""
@@ -147,6 +150,9 @@ class LocalDownloadCache:
         self._generation = generation
         self._flush_blocks = flush_blocks
         self._flush_interval = flush_interval
+        # seconds the last index write took (its fsyncs; not the fdatasync of the data, whose
+        # writeback grows with the blocks written and would feed back into the interval)
+        self._flush_cost = 0.0
         self._headroom = headroom
         self._closed = False
         self._failed: errors.InternalError | None = None
@@ -169,7 +175,7 @@ class LocalDownloadCache:
         identity: ObjectIdentity,
         *,
         flush_blocks: int = 512,
-        flush_interval: float = 1.0,
+        flush_interval: float = 0.25,
         headroom: int = DEFAULT_HEADROOM,
     ) -> Self:
         """Open (resume) or create the cache of ``identity`` in ``directory``. Blocking.
@@ -415,13 +421,17 @@ class LocalDownloadCache:
 
     def needs_flush(self) -> bool:
         """True if ``flush_blocks`` blocks were set since the last flush began, or the oldest
-        of them is ``flush_interval`` seconds old. False when closed or failed."""
+        of them is ``flush_interval`` seconds old — or ``FLUSH_COST_FACTOR`` times as old as
+        the last index write took, if that is longer (a disk with slow fsyncs is not kept
+        busy with index writes: at most about 1/FLUSH_COST_FACTOR of the time). False when
+        closed or failed."""
         if self._closed or self._failed is not None or self._dirty == 0:
             return False
         if self._dirty >= self._flush_blocks:
             return True
         since = self._dirty_since
-        return since is not None and _now() - since >= self._flush_interval
+        wait = max(self._flush_interval, FLUSH_COST_FACTOR * self._flush_cost)
+        return since is not None and _now() - since >= wait
 
     async def flush(self) -> None:
         """Make every block set before this call durable and claimed by the index.
@@ -472,11 +482,13 @@ class LocalDownloadCache:
             self._failed = failure
             log.error("%s: %s; the cache is unusable until re-opened", self._directory, failure)
             raise failure from exc
+        started = time.monotonic()
         write_index(
             self._index_path, self._identity, snapshot, generation=self._generation + 1
         )
         self._generation += 1
         self._persisted_count = count
+        self._flush_cost = time.monotonic() - started
         log.debug(
             "%s: index generation %d claims %d blocks", self._directory, self._generation, count
         )
@@ -571,7 +583,7 @@ def _describe(identity: ObjectIdentity) -> str:
 def _lock_directory(directory: Path) -> int:
     path = directory / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise errors.InternalError(f"cannot open lock file {path}: {exc}") from exc
     try:

@@ -81,7 +81,8 @@ class CacheDir:
         try:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
             (root / "objects").mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600)
         except OSError as exc:
             raise UsageError(
                 f"cache directory {root} is not usable: {exc.strerror}; "

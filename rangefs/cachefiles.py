@@ -52,6 +52,7 @@ from rangefs.ranges import ByteRangesTracker, num_blocks
 
 __all__ = [
     "DEFAULT_HEADROOM",
+    "HEADROOM_FRACTION",
     "INDEX_MAGIC",
     "IndexRecord",
     "ObjectIdentity",
@@ -74,10 +75,14 @@ log = logging.getLogger(__name__)
 INDEX_MAGIC = b"RANGEFS-INDEX 1\n"
 #: Free space that ``reserve_space`` leaves on the filesystem beyond the object (bytes).
 DEFAULT_HEADROOM = 16 * 1024 * 1024
+#: ... but at most this fraction of the filesystem's size (a 64 MiB filesystem: 4 MiB).
+HEADROOM_FRACTION = 16
 #: ``reserve_space`` allocates in chunks of this many bytes, reporting progress after each.
 RESERVE_CHUNK = 256 * 1024 * 1024
 
 _FILE_MODE = 0o600
+# Never follow a symlink planted where a cache file should be.
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_FALLOCATE = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}
 _CRC_LEN = 4
 
@@ -157,7 +162,9 @@ def _allocated_bytes(path: StrPath) -> int:
 def check_space(path: StrPath, size: int, *, headroom: int = DEFAULT_HEADROOM) -> None:
     """Raise ``NotEnoughSpace`` (naming both sizes) unless the filesystem of ``path`` has
     ``size + headroom`` bytes free, counting what ``path`` already occupies as free (it is
-    about to be replaced). Size 0 always fits. ``InternalError`` if statvfs fails."""
+    about to be replaced). The headroom is at most 1/``HEADROOM_FRACTION`` of the
+    filesystem's size, so that a small filesystem still holds small objects. Size 0 always
+    fits. ``InternalError`` if statvfs fails."""
     if size <= 0:
         return
     path = os.fspath(path)
@@ -166,9 +173,12 @@ def check_space(path: StrPath, size: int, *, headroom: int = DEFAULT_HEADROOM) -
         free = vfs.f_bavail * vfs.f_frsize + _allocated_bytes(path)
     except OSError as exc:
         raise errors.InternalError(f"cannot check free space for {path}: {exc}") from exc
+    total = getattr(vfs, "f_blocks", 0) * vfs.f_frsize  # 0 where a statvfs lacks it
+    if total > 0:
+        headroom = min(headroom, total // HEADROOM_FRACTION)
     if free < size + headroom:
         raise errors.NotEnoughSpace(
-            f"cannot reserve {size} bytes for {path}: only {free} bytes free "
+            f"not enough space to cache {size} bytes in {path}: only {free} bytes free "
             f"(need {size} + {headroom} headroom)"
         )
 
@@ -200,7 +210,7 @@ def reserve_space(
     directory = os.path.dirname(path) or "."
     check_space(path, size, headroom=headroom)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, _FILE_MODE)
     except OSError as exc:
         raise _os_error(f"reserving space for {path}", exc) from exc
     try:
@@ -313,7 +323,7 @@ def read_index_record(path: StrPath) -> IndexRecord:
     for anything torn, damaged or malformed; ``InternalError`` for other OS errors."""
     p = os.fspath(path)
     try:
-        with open(p, "rb") as f:
+        with os.fdopen(os.open(p, os.O_RDONLY | _NOFOLLOW), "rb") as f:
             blob = f.read()
     except FileNotFoundError:
         raise
@@ -354,7 +364,7 @@ def write_index(
     tmp, prev = _tmp_path(p), _prev_path(p)
     blob = _encode_index(identity, bytes(bitmap_bytes), generation)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, _FILE_MODE)
         try:
             view = memoryview(blob)
             while view:
@@ -424,7 +434,7 @@ def open_data_file(data_path: StrPath) -> int:
     """
     p = os.fspath(data_path)
     try:
-        fd = os.open(p, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(p, os.O_RDWR | _NOFOLLOW)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -472,12 +482,21 @@ def cache_files_exist(data_path: StrPath, index_path: StrPath) -> tuple[bool, bo
 
 def ensure_private_dir(directory: Path) -> None:
     """Create ``directory`` (and parents) if missing; make it mode 0700.
+
+    Refuses (CacheError) a symlink, or a directory another user owns: whoever controls the
+    directory could plant links that make rangefs overwrite their targets.
     ``InternalError`` on OS errors."""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.stat(directory)
+        st = os.lstat(directory)
+        if stat.S_ISLNK(st.st_mode):
+            raise errors.CacheError(f"cache directory {directory} is a symlink; refusing it")
         if not stat.S_ISDIR(st.st_mode):
             raise errors.InternalError(f"cache directory {directory} is not a directory")
+        if st.st_uid != os.geteuid():
+            raise errors.CacheError(
+                f"cache directory {directory} belongs to uid {st.st_uid}; refusing it"
+            )
         if st.st_mode & 0o077:
             os.chmod(directory, 0o700)
     except OSError as exc:

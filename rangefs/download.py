@@ -39,7 +39,7 @@ from .source import HttpOptions, HttpSession, Reader
 
 log = logging.getLogger(__name__)
 
-FLUSH_PERIOD = 0.5  # seconds between checks whether the cache index needs persisting
+FLUSH_PERIOD = 0.05  # seconds between checks whether the cache index needs persisting
 
 
 # -- caching downloader -------------------------------------------------------------------

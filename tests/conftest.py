@@ -9,6 +9,12 @@ import pytest
 from tests.faultserver import FaultServer
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Markers. ``slow`` tests (kill loops, load) are NOT deselected by default: CI runs
+    everything; ``-m "not slow"`` skips them on a quick local run."""
+    config.addinivalue_line("markers", "slow: takes more than ~20 s (kill loops, load)")
+
+
 @pytest.fixture
 def origin() -> Iterator[FaultServer]:
     """A started in-process origin on 127.0.0.1; stopped (every thread joined) at teardown."""

@@ -911,7 +911,8 @@ def test_mount_stalled_body_fails_the_read_in_bounded_time(
     args = ("--read-timeout", str(timeout), "--prefetch", "none")
     with mount_of(tmp_path, mnt, cache, lines, *args):
         os.stat(mnt / "stalls")
-        origin.faults("/stalls", [Fault("stall", after=100, seconds=300, method="GET")])
+        # every attempt stalls (each one is dropped after half the read timeout and retried)
+        origin.faults("/stalls", [Fault("stall", after=100, seconds=300, method="GET")] * 50)
         start = time.monotonic()
         assert pread_errno(mnt / "stalls", 0, 100) == errno.EIO
         assert time.monotonic() - start < 2 * timeout + 5

@@ -994,3 +994,45 @@ def test_nothing_runs_as_another_user() -> None:
     assert seen == {"uid": NOBODY, "euid": NOBODY, "gid": NOBODY, "groups": [],
                     "shadow": "EACCES"}
 
+
+
+def test_cache_refuses_a_directory_planted_by_another_user(tmp_path: Path) -> None:
+    """Library level: a partial-download or object directory that another user owns (with a
+    `data` symlink to a victim file) is refused before anything is opened or truncated."""
+    from rangefs.cache import LocalDownloadCache
+    from rangefs.cachefiles import ObjectIdentity
+    from rangefs.errors import CacheError
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    planted = tmp_path / "planted"
+    planted.mkdir(mode=0o700)
+    (planted / "data").symlink_to(victim)
+    os.chown(planted, 65534, 65534)
+    identity = ObjectIdentity(url="http://x/y", size=4096, block_size=4096, etag=None,
+                              last_modified=None)
+    with pytest.raises(CacheError, match="belongs to uid 65534"):
+        LocalDownloadCache.open(planted, identity)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(CacheError, match="symlink"):
+        LocalDownloadCache.open(link, identity)
+    assert victim.read_bytes() == b"precious"
+
+
+def test_cache_files_are_never_opened_through_a_symlink(tmp_path: Path) -> None:
+    from rangefs.cache import LocalDownloadCache
+    from rangefs.cachefiles import ObjectIdentity
+    from rangefs.errors import RangefsError
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    directory = tmp_path / "obj"
+    directory.mkdir(mode=0o700)
+    (directory / "data").symlink_to(victim)
+    identity = ObjectIdentity(url="http://x/y", size=4096, block_size=4096, etag=None,
+                              last_modified=None)
+    with pytest.raises(RangefsError, match="symbolic links"):
+        LocalDownloadCache.open(directory, identity)
+    assert victim.read_bytes() == b"precious"
