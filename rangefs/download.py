@@ -39,7 +39,8 @@ from .source import HttpOptions, HttpSession, Reader
 
 log = logging.getLogger(__name__)
 
-FLUSH_PERIOD = 0.05  # seconds between checks whether the cache index needs persisting
+FLUSH_PERIOD = 0.02  # seconds between checks whether the cache index needs persisting
+FLUSH_INTERVAL = 0.02  # a new block is claimed by the index after at least this long
 
 
 # -- caching downloader -------------------------------------------------------------------
@@ -429,7 +430,7 @@ async def download_file(
             url=name, size=info.size, block_size=options.block_size,
             etag=info.etag, last_modified=info.last_modified,
         )
-        cache = LocalDownloadCache.open(part, identity)
+        cache = LocalDownloadCache.open(part, identity, flush_interval=FLUSH_INTERVAL)
         try:
             downloader = CachingDownloader(
                 cache,
