@@ -33,7 +33,7 @@ from .scenarios import (
     sequential,
     ttfb,
 )
-from .system import drop_page_cache, ensure_tools, log, machine, tool_versions
+from .system import drop_page_cache, ensure_tools, log, machine, tool_versions, wait_quiet
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -61,6 +61,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help=f"comma-separated subset of {','.join(PEERS)}")
     ap.add_argument("--delay-ms", type=float, default=30.0, help="origin first-byte delay")
     ap.add_argument("--rate", default="16m", help="nginx limit_rate per connection (16m)")
+    ap.add_argument("--sendfile-chunk", default="128k",
+                    help="nginx sendfile_max_chunk: how much goes out before limit_rate "
+                         "delays (128k; nginx's default 2m leaves answers <= 2 MiB unthrottled)")
     ap.add_argument("--big-size", default=None, help="scenario 1 object, MiB (256)")
     ap.add_argument("--huge-read-s", type=float, default=None,
                     help="scenario 5: read the 4 GiB object for at most this long (30 s)")
@@ -73,6 +76,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="py-spy record every rangefs mount (results/profiles/); figures "
                          "of a profiled run carry py-spy's overhead")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get anything")
+    ap.add_argument("--quiet-wait", type=float, default=180.0,
+                    help="before each measurement wait up to this long for idle CPUs (180 s)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work directory (daemon logs, access-log slices in logs/)")
     args = ap.parse_args(argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
@@ -116,6 +123,10 @@ def one_run(ctx: Ctx, peers: list[str], scenarios: list[str]) -> dict[str, dict[
                SUPPORTS["5"] and "5" in scenarios)]
         log(f"run {ctx.run}, scenario {step}: {', '.join(who)}")
         for name in who:
+            busy = wait_quiet(ctx.knobs.quiet_wait_s)
+            if busy > 0.25:
+                log(f"  measuring {name} anyway: CPU {busy:.0%} busy")
+                figures[name].setdefault("busy", []).append(f"{step}: {busy:.0%}")
             started = time.perf_counter()
             try:
                 result = fn(ctx, PEERS[name])
@@ -162,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     lay = layout(args)
     knobs = Knobs(delay_s=args.delay_ms / 1000, rate=args.rate, runs=args.runs,
                   quick=args.quick,
-                  huge_read_s=args.huge_read_s or (8.0 if args.quick else 30.0))
+                  huge_read_s=args.huge_read_s or (8.0 if args.quick else 30.0),
+                  quiet_wait_s=args.quiet_wait)
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
     own_origin = args.origin_dir is None
@@ -179,12 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         with Origin(origin_root / "root", work / "origin", delay_s=knobs.delay_s,
-                    rate=knobs.rate) as origin:
+                    rate=knobs.rate, chunk=args.sendfile_chunk) as origin:
             for i in range(1, args.runs + 1):
                 ctx = Ctx(origin, lay, work, knobs, sha, i, profile_dir)
                 runs.append(one_run(ctx, args.peers, args.scenarios))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            log(f"kept {work} (logs/: daemon logs and access-log slices)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
         if own_origin:
             shutil.rmtree(origin_root, ignore_errors=True)
     text = render(args, command, info, lay, knobs, runs, time.time() - started)
@@ -210,7 +225,8 @@ def render(args: argparse.Namespace, command: str, info: dict[str, str], lay: La
         f"{len(runs)} run(s), {seconds / 60:.1f} min", "",
         "**Machine:** " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
         f"**Origin:** nginx + lua on 127.0.0.1, first-byte delay {knobs.delay_s * 1000:g} ms "
-        f"per request, `limit_rate {knobs.rate}` per connection. **Objects:** "
+        f"per request, `limit_rate {knobs.rate}` per connection (`sendfile_max_chunk "
+        f"{args.sendfile_chunk}`: the cap holds for short answers too). **Objects:** "
         f"(1-3) {lay.big_size >> 20} MiB, (4, 5) {lay.huge_size >> 30} GiB sparse, "
         f"(6) {lay.many_count:,} × {lay.many_size} B, (7) {lay.multi_count} × "
         f"{lay.multi_size >> 20} MiB read by {knobs.readers} threads in "
@@ -221,6 +237,11 @@ def render(args: argparse.Namespace, command: str, info: dict[str, str], lay: La
     ]
     errors = [f"- run {i + 1}, {p}: {e}" for i, r in enumerate(runs) for p, f in r.items()
               for e in f.get("errors", [])]
+    busy = [f"run {i + 1} {p} {b}" for i, r in enumerate(runs) for p, f in r.items()
+            for b in f.get("busy", [])]
+    out += ["**CPU contention:** " + (
+        "every measurement started with the CPUs idle (< 25 % busy)." if not busy else
+        "measured while another job kept the CPUs busy: " + ", ".join(busy) + "."), ""]
     if errors:
         out += ["**Failures:**", "", *errors, ""]
     versions = tool_versions()

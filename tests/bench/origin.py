@@ -86,11 +86,13 @@ def big_sha256(layout: Layout) -> str:
 class Origin:
     """A running nginx; use as a context manager (always stopped)."""
 
-    def __init__(self, root: Path, work: Path, *, delay_s: float, rate: str) -> None:
+    def __init__(self, root: Path, work: Path, *, delay_s: float, rate: str,
+                 chunk: str = "128k") -> None:
         self.root = root
         self.work = work
         self.delay_s = delay_s
         self.rate = rate
+        self.chunk = chunk
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self.access_log = work / "access.log"
@@ -109,6 +111,7 @@ class Origin:
         for name, value in {
             "modules": str(NGINX_MODULES), "work": str(self.work), "root": str(self.root),
             "port": str(self.port), "delay_s": f"{self.delay_s:.4f}", "rate": self.rate,
+            "chunk": self.chunk,
         }.items():
             text = text.replace(f"@{name}@", value)
         conf = self.work / "nginx.conf"
@@ -135,7 +138,7 @@ class Origin:
         else:
             raise SystemExit("bench: nginx did not listen within 15 s")
         log(f"origin {self.base} (first-byte delay {self.delay_s * 1000:g} ms, "
-            f"limit_rate {self.rate} per connection)")
+            f"limit_rate {self.rate} per connection, sendfile_max_chunk {self.chunk})")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -153,9 +156,10 @@ class Origin:
         except FileNotFoundError:
             return 0
 
-    def sent_since(self, mark: int, settle: float = 0.3) -> Traffic:
+    def sent_since(self, mark: int, settle: float = 0.3, save_as: Path | None = None) -> Traffic:
         """Requests and bytes the origin sent since ``mark`` (waits ``settle`` s first:
-        nginx logs a request when it ends, an aborted one too)."""
+        nginx logs a request when it ends, an aborted one too). ``save_as``: also write
+        those access-log lines there."""
         time.sleep(settle)
         traffic = Traffic()
         try:
@@ -164,6 +168,9 @@ class Origin:
                 data = fh.read()
         except FileNotFoundError:
             return traffic
+        if save_as is not None:
+            save_as.parent.mkdir(parents=True, exist_ok=True)
+            save_as.write_bytes(data)
         for line in data.decode(errors="replace").splitlines():
             fields = line.split()
             if len(fields) < 4:

@@ -167,6 +167,10 @@ def mounted(peer: Peer, *, base_url: str, sub: str, names: Sequence[str], work: 
                 spy.wait()
         with contextlib.suppress(OSError):
             mountpoint.rmdir()
+        logs = work / "logs"
+        logs.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):
+            log_path.rename(logs / f"{tag}-{time.strftime('%H%M%S')}.log")
 
 
 class MountFailed(RuntimeError):

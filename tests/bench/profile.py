@@ -39,14 +39,10 @@ def summarize(path: Path, top: int = 18) -> str:
         count = int(count_text)
         frames = stack.split(";")
         if frames and frames[0].startswith(("thread ", "process ")):
-            threads[frames[0].split(" (")[0] if frames[0].startswith("process") else
-                    frames[0]] += count
+            threads[frames[0]] += count
             frames = frames[1:]
-            if frames and frames[0].startswith("thread "):
-                threads[frames[0]] += count
-                frames = frames[1:]
-        if not frames:
-            continue
+        if not frames:  # the thread was in native code (no Python frame on its stack)
+            frames = ["(native code, no Python frame)"]
         total += count
         names = [_frame(f) for f in frames]
         own[names[-1]] += count

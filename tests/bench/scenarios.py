@@ -40,6 +40,7 @@ class Knobs:
     random_size: int = 4096
     readers: int = 16
     reader_chunk: int = 1 << 20
+    quiet_wait_s: float = 180.0
 
 
 @dataclass
@@ -62,7 +63,11 @@ class Ctx:
         if self.profile_dir is None or not peer.is_rangefs:
             return None
         self.profile_dir.mkdir(parents=True, exist_ok=True)
-        return self.profile_dir / f"s{scenario}-{peer.name}-run{self.run}.txt"
+        n = 1
+        while (path := self.profile_dir / f"s{scenario}-{peer.name}-run{self.run}-{n}.txt"
+               ).exists():
+            n += 1
+        return path
 
 
 def worker(op: dict[str, Any], timeout: float) -> dict[str, Any] | None:
@@ -105,7 +110,8 @@ def _fuse(ctx: Ctx, peer: Peer, scenario: str, sub: str, names: list[str],
     except MountFailed as exc:
         figures["error"] = str(exc).splitlines()[0]
         log(f"  {peer.name}: {exc}")
-    traffic = ctx.origin.sent_since(mark)
+    name = f"{peer.name}-s{scenario}-run{ctx.run}-{time.strftime('%H%M%S')}.access.log"
+    traffic = ctx.origin.sent_since(mark, save_as=ctx.work / "logs" / name)
     figures["_origin_bytes"] = traffic.bytes_sent
     figures["_origin_requests"] = traffic.requests
     if cache_dir is None:
@@ -347,6 +353,8 @@ def concurrent(ctx: Ctx, peer: Peer) -> Figures:
         return {"s7_mibps": total / MiB / seconds, "s7_amp": traffic.bytes_sent / total}
 
     def body(m: Mounted) -> Figures:
+        # names first, untimed (httpdirfs otherwise races its own directory listing)
+        run(["ls", "-l", str(m.mountpoint)], timeout=60)
         per = ctx.knobs.readers // lay.multi_count
         jobs = []
         for n in names:

@@ -243,27 +243,61 @@ def free_port() -> int:
 
 def run_rusage(
     argv: Sequence[str], *, timeout: float, cwd: Path | None = None,
-) -> tuple[int | None, float, float]:
+) -> tuple[int | None, float, float | None]:
     """Run ``argv`` (own process group, output discarded): (exit code or None on timeout,
-    seconds, peak RSS in MiB from wait4). On timeout the group is SIGKILLed and the figures
-    are those up to then."""
+    seconds, peak RSS in MiB). On timeout the group is SIGKILLed and the figures are those
+    up to then. The peak is the child's VmHWM polled every 5 ms (not wait4's ru_maxrss,
+    which on Linux keeps the pre-exec peak of this Python process)."""
     start = time.perf_counter()
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
     deadline = start + timeout
+    peak: int | None = None
     code: int | None = None
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        hwm = peak_rss_kib(proc.pid)  # None once it is a zombie
+        if hwm is not None:
+            peak = max(peak or 0, hwm)
+        pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             code = os.waitstatus_to_exitcode(status)
             break
         if time.perf_counter() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            pid, status, usage = os.wait4(proc.pid, 0)
-            code = None
+            os.wait4(proc.pid, 0)
             break
-        time.sleep(0.002)
+        time.sleep(0.005)
     elapsed = time.perf_counter() - start
     proc.returncode = -1 if code is None else code  # already reaped
-    return code, elapsed, usage.ru_maxrss / 1024
+    return code, elapsed, (peak / 1024 if peak is not None else None)
+
+
+def cpu_busy(interval: float = 0.5) -> float:
+    """Fraction (0..1) of all CPUs busy over the next ``interval`` seconds (/proc/stat)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields), idle
+
+    total0, idle0 = sample()
+    time.sleep(interval)
+    total1, idle1 = sample()
+    span = total1 - total0
+    return 0.0 if span <= 0 else 1 - (idle1 - idle0) / span
+
+
+def wait_quiet(limit: float, threshold: float = 0.25) -> float:
+    """Before a measurement: wait (at most ``limit`` s) until the CPUs are mostly idle, so
+    another job's burst does not land in a figure. Returns the busy fraction at the end."""
+    deadline = time.monotonic() + limit
+    busy = cpu_busy()
+    waited = False
+    while busy > threshold and time.monotonic() < deadline:
+        if not waited:
+            log(f"  CPU {busy:.0%} busy with another job: waiting (at most {limit:g} s)")
+            waited = True
+        time.sleep(2)
+        busy = cpu_busy()
+    return busy

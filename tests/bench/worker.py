@@ -77,20 +77,17 @@ def op_readers(jobs: list[list[Any]], chunk: int) -> dict[str, Any]:
     totals: list[int] = []
     errors: list[str] = []
     lock = threading.Lock()
+    # open every file first, one at a time and untimed (httpdirfs loses concurrent first
+    # opens of one file: "Cache file partially missing", ENOENT)
+    fds = [os.open(path, os.O_RDONLY) for path, _, _ in jobs]
     barrier = threading.Barrier(len(jobs) + 1)
 
-    def reader(path: str, first: int, end: int) -> None:
+    def reader(fd: int, path: str, first: int, end: int) -> None:
         mine: list[float] = []
         total = 0
+        offset = first
+        barrier.wait()
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            errors.append(f"{path}: {exc}")
-            barrier.wait()
-            return
-        try:
-            barrier.wait()
-            offset = first
             while offset < end:
                 t0 = time.perf_counter()
                 data = os.pread(fd, min(chunk, end - offset), offset)
@@ -101,21 +98,22 @@ def op_readers(jobs: list[list[Any]], chunk: int) -> dict[str, Any]:
                 total += len(data)
         except OSError as exc:
             errors.append(f"{path}@{offset}: {exc}")
-        finally:
-            os.close(fd)
         with lock:
             latencies.extend(mine)
             totals.append(total)
 
-    threads = [threading.Thread(target=reader, args=tuple(job)) for job in jobs]
+    threads = [threading.Thread(target=reader, args=(fd, *job))
+               for fd, job in zip(fds, jobs, strict=True)]
     for thread in threads:
         thread.start()
     barrier.wait()
     start = time.perf_counter()
     for thread in threads:
         thread.join()
-    return {"seconds": time.perf_counter() - start, "bytes": sum(totals),
-            "latencies": latencies, "errors": errors}
+    seconds = time.perf_counter() - start
+    for fd in fds:
+        os.close(fd)
+    return {"seconds": seconds, "bytes": sum(totals), "latencies": latencies, "errors": errors}
 
 
 def main() -> None:
