@@ -14,7 +14,9 @@ Concurrency protocol (everything runs on the one trio thread):
 - Flights run in the fetcher's own nursery (started by :meth:`run`), never in a reader's
   task: a reader that is cancelled or times out leaves the flight running for the others.
 - Demand flights take a slot of ``demand_slots``, background flights a slot of
-  ``fill_slots``: a reader never queues behind background fill (demand first).
+  ``fill_slots``: a reader never queues behind background fill (demand first). Background
+  work (fill, read-ahead) takes its slot BEFORE it registers blocks, so a reader never
+  waits on a background flight that has no connection yet: it starts its own.
 - Bodies are streamed: each whole block is written to the cache as soon as its last byte
   arrives, which sets its bit; the flight's ``changed`` event then wakes its waiters.
 - A transient failure is retried with backoff from the first block not yet written; the
@@ -32,6 +34,7 @@ by the index (see cache.py) and are fetched again; a partly received block is ne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -60,6 +63,7 @@ T = TypeVar("T")
 
 DEFAULT_DEMAND_REQUEST_BYTES = 16 << 20  # largest run one reader's request asks for
 DEFAULT_FILL_REQUEST_BYTES = 4 << 20  # largest run one background request asks for
+PREFETCH_WORKERS = 4  # read-ahead requests of one object at a time
 
 
 @dataclass
@@ -139,6 +143,9 @@ class ObjectFetcher:
         self._sequential = not reader.info.accept_ranges
         self._seq_flight: _Flight | None = None
         self._range_refusals = 0  # consecutive answers that ignored Range
+        self._prefetch_next = 0  # read-ahead window: next block to consider ...
+        self._prefetch_last = -1  # ... up to this one
+        self._prefetch_workers = 0
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -192,7 +199,7 @@ class ObjectFetcher:
             if self._sequential:
                 flight = self._sequential_flight()
             else:
-                self._start_flights(block, last, demand=True)
+                self._start_demand_flights(block, last)
                 flight = self._inflight[block]
             # no await between the lookup above and subscribing here
             changed = flight.changed
@@ -213,8 +220,33 @@ class ObjectFetcher:
         and a range request would only bring another whole-object answer.
         """
         last = min(last, self.cache.num_blocks - 1)
-        if first <= last and self._nursery is not None and not self._sequential:
-            self._start_flights(first, last, demand=False)
+        if first > last or self._nursery is None or self._sequential:
+            return
+        self._prefetch_next = first if self._prefetch_last < first else self._prefetch_next
+        self._prefetch_last = max(self._prefetch_last, last)
+        if self._prefetch_workers < PREFETCH_WORKERS:
+            self._prefetch_workers += 1
+            self._nursery.start_soon(self._prefetch_worker)
+
+    async def _prefetch_worker(self) -> None:
+        """Read-ahead: with a fill slot held, fetch idle runs of the prefetch window."""
+        try:
+            while True:
+                async with self._fill_slots:
+                    stop = self._prefetch_last + 1
+                    block = self._first_idle(self._prefetch_next, stop)
+                    if block is None or self._sequential:
+                        return
+                    end = block
+                    while end + 1 < stop and end - block + 1 < self._fill_run and self._idle(
+                        end + 1
+                    ):
+                        end += 1
+                    self._prefetch_next = end + 1
+                    flight = self._register(block, end, demand=False)
+                    await self._run_flight(flight, slot_held=True)
+        finally:
+            self._prefetch_workers -= 1
 
     # -- background fill -----------------------------------------------------------------
 
@@ -232,8 +264,14 @@ class ObjectFetcher:
                 if self._sequential:
                     await self._follow_sequential(errors)
                     return
-                run = self._claim_fill_run()
-                if run is None:
+                flight: _Flight | None = None
+                async with self._fill_slots:
+                    # slot first, then claim: no await between the claim and the flight
+                    run = self._claim_fill_run()
+                    if run is not None:
+                        flight = self._register(run[0], run[1], demand=False)
+                        await self._run_flight(flight, slot_held=True)
+                if flight is None:
                     if self.cache.complete():
                         return
                     # every missing block is in someone else's flight: wait for one to move
@@ -242,8 +280,6 @@ class ObjectFetcher:
                         return
                     await flights[0].changed.wait()
                     continue
-                flight = self._register(run[0], run[1], demand=False)
-                await self._run_flight(flight)
                 if flight.error is not None and not self._handed_to_stream(flight.error):
                     errors.append(flight.error)
 
@@ -309,16 +345,16 @@ class ObjectFetcher:
     def _idle(self, block: int) -> bool:
         return not self.cache.bitmap.is_block_set(block) and block not in self._inflight
 
-    def _start_flights(self, first: int, last: int, *, demand: bool) -> None:
-        """Register and start flights for the idle missing blocks of first..last. No await."""
+    def _start_demand_flights(self, first: int, last: int) -> None:
+        """Register and start demand flights for the idle missing blocks of first..last.
+        No await: the blocks are registered before anyone else can look."""
         assert self._nursery is not None, "fetcher.run() is not running"
-        limit = self._demand_run if demand else self._fill_run
         block = self._first_idle(first, last + 1)
         while block is not None:
             end = block
-            while end < last and end - block + 1 < limit and self._idle(end + 1):
+            while end < last and end - block + 1 < self._demand_run and self._idle(end + 1):
                 end += 1
-            flight = self._register(block, end, demand=demand)
+            flight = self._register(block, end, demand=True)
             self._nursery.start_soon(self._run_flight, flight)
             block = self._first_idle(end + 1, last + 1) if end < last else None
 
@@ -336,13 +372,17 @@ class ObjectFetcher:
             flight.error = error
         flight.wake()
 
-    async def _run_flight(self, flight: _Flight) -> None:
-        """Fetch the flight's blocks, retrying transient failures; never raises."""
+    async def _run_flight(self, flight: _Flight, *, slot_held: bool = False) -> None:
+        """Fetch the flight's blocks, retrying transient failures; never raises.
+
+        ``slot_held``: the caller already holds the flight's slot (background work takes
+        its slot BEFORE it registers blocks, so no reader waits on a flight that has no
+        connection yet)."""
         slots = self._demand_slots if flight.demand else self._fill_slots
         backoff = self._backoff.new()
         error: RangefsError | None = None
         try:
-            async with slots:
+            async with contextlib.nullcontext() if slot_held else slots:
                 while flight.next_block <= flight.last:
                     if self._fatal is not None:
                         error = self._fatal

@@ -252,3 +252,25 @@ async def test_no_accept_ranges_starts_in_sequential_mode(tmp_path: Path) -> Non
     assert reader.requests == [ByteRange(0, size - 1)] * 2
     check("obj", 0, cache.read_at(0, size))
     cache.close()
+
+
+@pytest.mark.parametrize("harness", [{"fill_slots": 1}], indirect=True)
+async def test_queued_background_work_never_holds_blocks_a_reader_needs(
+    harness: Harness,
+) -> None:
+    """Background work waiting for a slot has claimed nothing: a reader whose block a
+    queued fill worker or read-ahead would take next starts its own request at once."""
+    harness.reader.gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(harness.fetcher.fill, 4)  # would start at block 0
+        harness.fetcher.prefetch(60, 70)  # would start at block 60
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(harness.reader.requests) == 1  # one slot: one background request
+        held = harness.reader.requests[0].start // BS
+        queued = 0 if held == 60 else 60
+        harness.reader.gate = None  # the held flight stays held; new requests flow
+        with trio.fail_after(5):
+            await harness.fetcher.fetch(queued, queued)
+        check_cached(harness, queued, queued)
+        assert not harness.cache.is_cached(held)
+        nursery.cancel_scope.cancel()

@@ -253,7 +253,7 @@ async def test_cache_size_evicts_least_recently_used(origin: FaultServer,
     async with running(entries, tmp_path, cache_size=3 * mib + mib // 2) as get:
         for e in entries:
             check(f"/{e.path}", 0, await read_all(get(e)))
-            await trio.sleep(0.01)  # distinct last-use times
+            await trio.sleep(0.05)  # distinct last-use times (the kernel stamps in jiffies)
         with_data = [p.name for p in (tmp_path / "objects").iterdir()]
         assert len(with_data) == 3  # the least recently used object went
         assert get(entries[0]).cached_bytes() == 0
