@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +37,17 @@ def origin_factory() -> Iterator[Callable[[], FaultServer]]:
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Path:
+    """An empty directory to mount on."""
+    path = tmp_path / "mnt"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    """A cache directory path for a mount (created by rangefs)."""
+    return tmp_path / "cache"

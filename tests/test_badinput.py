@@ -36,13 +36,6 @@ from tests.mountutil import (
 HEX64 = "ab" * 32
 
 
-@pytest.fixture
-def mnt(tmp_path: Path) -> Path:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    return path
-
-
 @dataclass
 class Run:
     """One ``rangefs`` invocation of this module, in its own directory ``dir``."""

@@ -119,13 +119,6 @@ def test_group_help_lists_mount() -> None:
 # -- usage errors: exit 2, one line, nothing mounted ---------------------------------------
 
 
-@pytest.fixture
-def mnt(tmp_path: Path) -> Path:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    return path
-
-
 def _assert_usage_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert result.returncode == 2, (result.returncode, result.stderr)
     for needle in needles:

@@ -63,13 +63,6 @@ KIB, MIB = 1 << 10, 1 << 20
 KILLS = 20
 
 
-@pytest.fixture
-def mnt(tmp_path: Path) -> Path:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    return path
-
-
 # -- reading the cache offline and the origin's log -----------------------------------------
 
 

@@ -33,23 +33,12 @@ from rangefs.urllist import Entry
 from tests.content import check, content
 from tests.faultserver import Fault, FaultServer, Request, http_date
 from tests.mountutil import Mount, is_mounted, mounted, write_list
+from tests.test_objects import read_all
 
 BS = 64 << 10
 FAST = BackoffPolicy(initial=0.01, maximum=0.05, steps=8)
 SLACK = 0.05
 """Seconds a request may arrive before an advertised time: clock granularity, no more."""
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Path:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -72,18 +61,6 @@ async def running(entries: list[Entry], cache_dir: Path,
         await nursery.start(store.run)
         yield store.get
         nursery.cancel_scope.cancel()
-
-
-async def read_all(obj: MountedObject, chunk: int = 128 << 10) -> bytes:
-    handle = await obj.open()
-    out = bytearray()
-    while True:
-        data = await handle.read(len(out), chunk)
-        if not data:
-            break
-        out += data
-    handle.release()
-    return bytes(out)
 
 
 def whole_answers(server: FaultServer, path: str) -> list[Request]:

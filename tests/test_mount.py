@@ -36,18 +36,6 @@ from tests.mountutil import is_mounted, mount_source, mounted, start_mount, writ
 BS = 64 << 10  # block size of the read tests: many blocks in small objects
 
 
-@pytest.fixture
-def mnt(tmp_path: Path) -> Path:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
-
-
 # -- the handlers in-process (no kernel): the errno table, bug reports, readdir offsets ----
 
 

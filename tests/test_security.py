@@ -60,18 +60,6 @@ MAX_HWM_KB = 300 * 1024  # generous: a mount uses well under 100 MiB
 XATTR_PREFIX = "user.rangefs."
 
 
-@pytest.fixture
-def mnt(tmp_path: Path) -> Path:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
-
-
 def read_file(path: Path) -> bytes:
     with open(path, "rb") as fh:
         return fh.read()
