@@ -442,6 +442,16 @@ class MountedObject:
             self.store._active.pop(self.key, None)
         return True
 
+    async def fill_completely(self) -> None:
+        """Open the object's cache and fill it now (policy 'all'); verify when complete."""
+        async with self._open_lock:
+            version = await self._ensure_version()
+        if version.cache.complete():
+            await self._verify(version)
+        elif not version.filling:
+            version.filling = True
+            await self._fill(version)
+
     def start_fill(self, version: _Version) -> None:
         """Start filling every outstanding block in the background, once per version."""
         if not version.filling and not version.cache.complete():
@@ -630,12 +640,6 @@ class ObjectStore:
         """Policy 'all': open and fill every object of the list, one after another."""
         for obj in self.objects():
             try:
-                async with obj._open_lock:
-                    version = await obj._ensure_version()
-                if version.cache.complete():
-                    await obj._verify(version)
-                elif not version.filling:
-                    version.filling = True
-                    await obj._fill(version)
+                await obj.fill_completely()
             except RangefsError as exc:
                 log.warning("%s: prefetch failed: %s", obj.name, exc)

@@ -268,3 +268,19 @@ async def test_object_larger_than_the_cache_budget(origin: FaultServer, tmp_path
     async with running([e], tmp_path, cache_size=1 << 20) as get:
         with pytest.raises(NotEnoughSpace, match="cache-size"):
             await get(e).open()
+
+
+async def test_prefetch_all_fills_every_object_without_a_reader(
+    origin: FaultServer, tmp_path: Path
+) -> None:
+    entries = []
+    for i in range(3):
+        origin.add(f"/p{i}", 300_000 + i)
+        entries.append(entry(origin, f"/p{i}"))
+    async with running(entries, tmp_path, prefetch=Prefetch.ALL) as get:
+        await wait_until(lambda: all(get(e).xattrs().get("user.rangefs.complete") == b"1"
+                                     for e in entries))
+    origin.stop()
+    async with running(entries, tmp_path, prefetch=Prefetch.NONE) as get:
+        for i, e in enumerate(entries):
+            check(f"/p{i}", 0, await read_all(get(e)))
