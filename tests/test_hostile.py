@@ -26,7 +26,7 @@ import pytest
 import trio
 
 from rangefs.errors import PermanentError, RemoteChanged, RetriesExhausted
-from rangefs.objects import MountedObject, ObjectStore, Prefetch, StoreConfig
+from rangefs.objects import MountedObject, Prefetch
 from rangefs.ratecontrol import BackoffPolicy
 from rangefs.source import HttpOptions
 from rangefs.urllist import Entry
@@ -34,6 +34,7 @@ from tests.content import check, content
 from tests.faultserver import Fault, FaultServer, Request, http_date
 from tests.mountutil import Mount, is_mounted, mounted, write_list
 from tests.test_objects import read_all
+from tests.test_objects import running as running_store
 
 BS = 64 << 10
 FAST = BackoffPolicy(initial=0.01, maximum=0.05, steps=8)
@@ -52,15 +53,11 @@ def entry(server: FaultServer, path: str, size: int | None = None) -> Entry:
 @asynccontextmanager
 async def running(entries: list[Entry], cache_dir: Path,
                   **kw: object) -> AsyncIterator[Callable[[Entry], MountedObject]]:
-    """An ObjectStore serving ``entries`` for the ``async with`` body."""
+    """test_objects.running with this module's retries and no background fill."""
     kw.setdefault("backoff", FAST)
     kw.setdefault("prefetch", Prefetch.NONE)
-    config = StoreConfig(cache_dir=cache_dir, block_size=BS, **kw)  # type: ignore[arg-type]
-    store = ObjectStore(entries, config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        yield store.get
-        nursery.cancel_scope.cancel()
+    async with running_store(entries, cache_dir, **kw) as get:
+        yield get
 
 
 def whole_answers(server: FaultServer, path: str) -> list[Request]:
