@@ -156,6 +156,7 @@ class LocalDownloadCache:
         self._headroom = headroom
         self._closed = False
         self._failed: errors.InternalError | None = None
+        self._nowait = _RWF_NOWAIT != 0  # preadv(RWF_NOWAIT) works on this file system
         # blocks newly set since the last snapshot, and when the oldest of them was set
         self._dirty = 0
         self._dirty_since: float | None = None
@@ -394,28 +395,73 @@ class LocalDownloadCache:
             )
         if size == 0:
             return b""
+        self._check_cached(offset, size)
+        return _pread_exactly(self._fd, offset, size, self._directory)
+
+    async def read_at_async(self, offset: int, size: int) -> bytes:
+        """:meth:`read_at` without holding the trio thread while the disk works.
+
+        Same checks and errors as ``read_at`` (made on the trio thread). The bytes in the
+        page cache are copied at once (``RWF_NOWAIT``); the rest is read in a worker thread
+        from a duplicate of the data file descriptor, so a concurrent ``close()`` or
+        ``invalidate()`` cannot make it read another file. The caller checks afterwards
+        that the version it read is still current (the bytes are of the version that was
+        current when this was called). Cancellation abandons the thread's result.
+        """
+        self._check_usable()
+        if offset < 0 or offset >= self.size:
+            raise errors.InvalidOffset(
+                f"offset {offset} is outside {self._directory} (size {self.size})"
+            )
+        if size < 0 or offset + size > self.size:
+            raise errors.InvalidBlockSize(
+                f"{size} bytes at offset {offset} run past the end ({self.size})"
+            )
+        if size == 0:
+            return b""
+        self._check_cached(offset, size)
+        buf = bytearray(size)
+        got = 0
+        if self._nowait:
+            try:
+                got = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise errors.InternalError(
+                        f"reading {size} bytes at {offset} of {self._directory}: {exc}"
+                    ) from exc
+                self._nowait = False  # e.g. tmpfs: every read goes to a worker thread
+            if got == size:
+                return buf  # type: ignore[return-value]  # read-only to callers, like bytes
+        fd = os.dup(self._fd)
+        directory = self._directory
+
+        def rest() -> bytes:
+            try:
+                return _pread_exactly(fd, offset + got, size - got, directory)
+            finally:
+                os.close(fd)
+
+        tail = await trio.to_thread.run_sync(rest, abandon_on_cancel=True)
+        return bytes(memoryview(buf)[:got]) + tail if got else tail
+
+    def advise_willneed(self, offset: int, size: int) -> None:
+        """Ask the kernel to start reading ``[offset, offset+size)`` of the data file into
+        the page cache, in the background (for a sequential reader's next reads). Best
+        effort: errors are ignored; bytes not cached are read but never served."""
+        if self._closed or self._fd < 0 or size <= 0:
+            return
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_WILLNEED)
+
+    def _check_cached(self, offset: int, size: int) -> None:
         first, last = block_span(offset, size, self.block_size)
         missing = self._bitmap.first_clear(first, last + 1)
         if missing is not None:
             pos = max(offset, missing * self.block_size)
             raise errors.UncachedRange(f"offset {pos} is not cached ({self._directory})")
-        chunks: list[bytes] = []
-        pos, remaining = offset, size
-        try:
-            while remaining:
-                chunk = os.pread(self._fd, remaining, pos)
-                if not chunk:
-                    raise errors.InternalError(
-                        f"short read at offset {pos} of {self._directory}: unexpected EOF"
-                    )
-                chunks.append(chunk)
-                pos += len(chunk)
-                remaining -= len(chunk)
-        except OSError as exc:
-            raise errors.InternalError(
-                f"reading {size} bytes at {offset} of {self._directory}: {exc}"
-            ) from exc
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     # -- persistence --------------------------------------------------------------------
 
@@ -571,6 +617,30 @@ class LocalDownloadCache:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+# preadv flag: copy only what the page cache holds, never wait for the disk (Linux 4.14+)
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+
+
+def _pread_exactly(fd: int, offset: int, size: int, directory: Path) -> bytes:
+    """``size`` bytes at ``offset`` of ``fd``; a short file is InternalError. Any thread."""
+    chunks: list[bytes] = []
+    pos, remaining = offset, size
+    try:
+        while remaining:
+            chunk = os.pread(fd, remaining, pos)
+            if not chunk:
+                raise errors.InternalError(
+                    f"short read at offset {pos} of {directory}: unexpected EOF"
+                )
+            chunks.append(chunk)
+            pos += len(chunk)
+            remaining -= len(chunk)
+    except OSError as exc:
+        raise errors.InternalError(
+            f"reading {size} bytes at {offset} of {directory}: {exc}"
+        ) from exc
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _describe(identity: ObjectIdentity) -> str:

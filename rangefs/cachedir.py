@@ -3,9 +3,13 @@
 Layout (directories 0700, files 0600, created with those modes)::
 
     ROOT/lock                 flock'ed exclusively by the one process using ROOT
-    ROOT/objects/KEY/data     the object's bytes (cache.py)
+    ROOT/metadata.json        every object's size, validator, mtime, digest and URL without
+                              credentials, by KEY: one file, read once at mount, so that a
+                              remount of a long list shows it without a request or a file
+                              read per entry; rewritten whole (tmp + rename, no fsync: a
+                              lost table only costs probes) at most every META_SAVE_PERIOD
+    ROOT/objects/KEY/data     the object's bytes (cache.py), for objects that were opened
     ROOT/objects/KEY/index    which blocks are durable (cachefiles.py)
-    ROOT/objects/KEY/meta.json  size, validator, mtime, digest; the URL without credentials
 
 KEY is a hash of the URL without credentials: no user:password, and no query parameter
 that signs or expires a URL (so a re-signed URL finds its cache). Nothing in ROOT holds a
@@ -21,8 +25,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -37,10 +43,28 @@ _SIGNING_PARAMS = frozenset(
      "sr", "skoid", "sktid", "skt", "ske", "sks", "skv", "access_token", "auth"}
 )
 _SIGNING_PREFIXES = ("x-amz-", "x-goog-", "x-oss-")
+META_NAME = "metadata.json"
+META_SAVE_PERIOD = 1.0  # seconds: the store saves a changed table at most this often
+
+
+# URLs whose key needs no parsing: http(s), a plain host name or address, an optional port
+# without leading zeros, a path without query, fragment, credentials or escapes
+_PLAIN_URL = re.compile(r"(https?)://([a-z0-9.-]+)(?::([1-9][0-9]{0,4}))?(/[^?#@%\s]*)?",
+                        re.IGNORECASE)
 
 
 def cache_key(url: str) -> str:
     """A stable directory name for the object at ``url`` (32 hex digits)."""
+    plain = _PLAIN_URL.fullmatch(url)
+    if plain is not None and (plain[3] is None or int(plain[3]) <= 65535):
+        # the same text as the general case below, without urlsplit/parse_qsl/urlencode
+        port = f":{plain[3]}" if plain[3] else ""
+        clean = f"{plain[1].lower()}://{plain[2].lower()}{port}{plain[4] or ''}"
+        return hashlib.sha256(clean.encode()).hexdigest()[:32]
+    return _general_cache_key(url)
+
+
+def _general_cache_key(url: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or ""
     if parts.port is not None:
@@ -73,6 +97,8 @@ class CacheDir:
     def __init__(self, root: Path, lock_fd: int) -> None:
         self.root = root
         self._lock_fd = lock_fd
+        self._meta: dict[str, ObjectMeta] | None = None  # the table, loaded on first use
+        self._meta_dirty = False
 
     @classmethod
     def open(cls, root: Path) -> CacheDir:
@@ -111,8 +137,15 @@ class CacheDir:
         return cls(root, fd)
 
     def close(self) -> None:
-        """Release the lock. Idempotent."""
+        """Save the metadata table if it changed (errors logged), release the lock.
+        Idempotent."""
         if self._lock_fd >= 0:
+            if self._meta_dirty and self._meta is not None:
+                try:
+                    write_meta_table(self.root, dict(self._meta))
+                    self._meta_dirty = False
+                except OSError as exc:
+                    log.warning("cannot save %s: %s", self.root / META_NAME, exc)
             os.close(self._lock_fd)
             self._lock_fd = -1
 
@@ -121,38 +154,30 @@ class CacheDir:
         return self.root / "objects" / key
 
     def load_meta(self, key: str) -> ObjectMeta | None:
-        """The remembered metadata, or None when absent or unreadable (logged)."""
-        path = self.object_dir(key) / "meta.json"
-        try:
-            raw = json.loads(path.read_bytes())
-            return ObjectMeta(
-                url=str(raw["url"]),
-                size=int(raw["size"]),
-                etag=raw["etag"],
-                last_modified=raw["last_modified"],
-                mtime=None if raw["mtime"] is None else float(raw["mtime"]),
-                accept_ranges=bool(raw["accept_ranges"]),
-                digest=raw["digest"],
-            )
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring unreadable %s: %s", path, exc)
-            return None
+        """The remembered metadata of ``key``, or None. The first call reads the table."""
+        if self._meta is None:
+            self._meta = read_meta_table(self.root)
+        return self._meta.get(key)
 
     def save_meta(self, key: str, meta: ObjectMeta) -> None:
-        """Write meta.json atomically (tmp + rename; durability is not needed)."""
-        directory = self.object_dir(key)
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".meta.")  # mkstemp: mode 0600
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(asdict(meta), f)
-            os.replace(tmp, directory / "meta.json")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        """Remember ``meta`` for ``key`` (in memory; see :meth:`meta_snapshot`)."""
+        if self._meta is None:
+            self._meta = read_meta_table(self.root)
+        if self._meta.get(key) != meta:
+            self._meta[key] = meta
+            self._meta_dirty = True
+
+    def meta_changed(self) -> None:
+        """Mark the table as not saved (a save of a snapshot failed)."""
+        self._meta_dirty = self._meta is not None
+
+    def meta_snapshot(self) -> dict[str, ObjectMeta] | None:
+        """A copy of the table if it changed since the last snapshot, else None. The caller
+        writes it with :func:`write_meta_table` (in a worker thread if it likes)."""
+        if not self._meta_dirty or self._meta is None:
+            return None
+        self._meta_dirty = False
+        return dict(self._meta)
 
     def touch(self, key: str) -> None:
         """Record that the object was used now (the eviction order is least recent first)."""
@@ -182,3 +207,44 @@ class CacheDir:
         shutil.rmtree(self.object_dir(key), ignore_errors=True)
         log.info("evicted %s from the cache", key)
 
+
+
+def read_meta_table(root: Path) -> dict[str, ObjectMeta]:
+    """The metadata table of cache root ``root``; empty if absent, unreadable (logged)."""
+    path = root / META_NAME
+    try:
+        raw = json.loads(path.read_bytes())
+        if raw.get("version") != 1:
+            raise ValueError(f"unknown version {raw.get('version')!r}")
+        table: dict[str, ObjectMeta] = {}
+        for key, m in raw["objects"].items():
+            table[str(key)] = ObjectMeta(
+                url=str(m["url"]),
+                size=int(m["size"]),
+                etag=m["etag"],
+                last_modified=m["last_modified"],
+                mtime=None if m["mtime"] is None else float(m["mtime"]),
+                accept_ranges=bool(m["accept_ranges"]),
+                digest=m["digest"],
+            )
+        return table
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("ignoring unreadable %s (sizes are probed again): %s", path, exc)
+        return {}
+
+
+def write_meta_table(root: Path, table: Mapping[str, ObjectMeta]) -> None:
+    """Replace the metadata table atomically (tmp + rename, mode 0600). Any thread; OSError."""
+    data = json.dumps({"version": 1, "objects": {k: asdict(m) for k, m in table.items()}},
+                      separators=(",", ":"))
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".metadata.")  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+        os.replace(tmp, root / META_NAME)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -48,8 +48,13 @@ EXIT_SIGINT = 130
 
 MIN_BLOCK_SIZE = 4 << 10
 MAX_BLOCK_SIZE = 64 << 20
-DEFAULT_BLOCK_SIZE = 1 << 20
-DEFAULT_CONCURRENCY = 16
+DEFAULT_CONCURRENCY = 16  # download and cat
+# A mount's blocks are small so that a random reader fetches little more than it reads
+# (a 4 KiB pread brings one 64 KiB block: 16 x, about 4 ms at 16 MiB/s); sequential
+# readers still get large requests (adjacent blocks are coalesced).
+DEFAULT_MOUNT_BLOCK_SIZE = "64K"
+DEFAULT_MOUNT_CONCURRENCY = 32
+PROBES_PER_SLOT = 4  # a mount probes sizes with 4 x --concurrency requests in flight
 DEFAULT_READ_TIMEOUT = 60.0
 
 MAX_SIZE = (1 << 63) - 1  # the largest size option (the largest off_t)
@@ -331,18 +336,22 @@ def rangefs() -> None:
                    "[default: unlimited]")
 @click.option("--block-size", type=SizeType(minimum=MIN_BLOCK_SIZE, maximum=MAX_BLOCK_SIZE,
                                             power_of_two=True),
-              default="1M", show_default=True, metavar="SIZE",
-              help="Cache block size in bytes: a power of two from 4K to 64M (e.g. 256K, 1M). "
-                   "The unit of fetching and of the cache index.")
-@click.option("--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_CONCURRENCY,
+              default=DEFAULT_MOUNT_BLOCK_SIZE, show_default=True, metavar="SIZE",
+              help="Cache block size in bytes: a power of two from 4K to 64M (e.g. 64K, 1M). "
+                   "The smallest unit fetched and the unit of the cache index; adjacent "
+                   "missing blocks are fetched by one request.")
+@click.option("--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_MOUNT_CONCURRENCY,
               show_default=True, metavar="N",
-              help="Concurrent HTTP range requests for background fill, over all objects.")
+              help="Concurrent HTTP range requests for background fill and read-ahead, over "
+                   "all objects (readers' own requests have as many slots again; probes of "
+                   "the list's sizes 4 x N).")
 @click.option("--max-rate", type=SizeType(minimum=1), default=None, metavar="SIZE",
               help="Download rate limit over all objects, in bytes per second (e.g. 50M = "
                    "50 MiB/s).  [default: unlimited]")
 @click.option("--prefetch", type=click.Choice([p.value for p in Prefetch]), default="open",
               show_default=True,
-              help="Background fill: 'open' fills every opened file completely, 'none' only "
+              help="Background fill: 'open' fills an opened file completely once it is read "
+                   "sequentially (random readers fetch only what they read), 'none' only "
                    "fetches what readers ask for (plus read-ahead), 'all' fills every object "
                    "of the list from mount time.")
 @click.option("--read-timeout", type=SecondsType(),
@@ -416,8 +425,11 @@ def mount_command(
                 read_timeout=read_timeout,
                 # a stalled body is dropped and retried well within a reader's deadline
                 http=HttpOptions(headers=http_headers,
-                                 read_timeout=min(30.0, max(1.0, read_timeout / 2))),
+                                 read_timeout=min(30.0, max(1.0, read_timeout / 2)),
+                                 # demand + fill slots, and the probes'
+                                 max_connections=(2 + PROBES_PER_SLOT) * concurrency),
                 cache_size=cache_size,
+                probe_concurrency=PROBES_PER_SLOT * concurrency,
             ),
             allow_other=allow_other,
             debug_fuse=debug,

@@ -2,7 +2,7 @@
 
 One ``MountedObject`` per cache key (entries naming the same URL share it). Its life:
 
-1. *Attributes*: from the list's ``size=N``, from meta.json remembered by an earlier
+1. *Attributes*: from the list's ``size=N``, from the metadata table of an earlier
    mount, or from a probe (HEAD / ranged GET) with bounded concurrency, single flight.
 2. *Open*: the first open of a mount opens the object's ``LocalDownloadCache`` and starts
    its ``ObjectFetcher`` in the store's nursery; remembered metadata is revalidated in the
@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+import trio.lowlevel
 
 from .cache import LocalDownloadCache
-from .cachedir import CacheDir, ObjectMeta, cache_key
+from .cachedir import META_SAVE_PERIOD, CacheDir, ObjectMeta, cache_key, write_meta_table
 from .cachefiles import ObjectIdentity
 from .digests import Digest, hash_file, parse_digest
 from .errors import (
@@ -63,12 +64,13 @@ FLUSH_INTERVAL = 0.02  # a new block is claimed by the index after at least this
 FLUSH_RETRY_MIN = 1.0  # seconds before a failed flush (e.g. a full disk) is tried again,
 FLUSH_RETRY_MAX = 30.0  # ... doubling up to this
 MAX_READAHEAD = 32 << 20  # bytes a sequential reader's read-ahead grows to
+FIRST_READAHEAD = 4 << 20  # read-ahead at the second sequential read, doubling from there
 
 
 class Prefetch(enum.Enum):
     """Background fill policy: which objects are filled without a reader asking."""
 
-    OPEN = "open"  # every opened object is filled completely in the background (default)
+    OPEN = "open"  # an opened object read sequentially is filled completely (default)
     NONE = "none"  # only what readers ask for (plus sequential read-ahead)
     ALL = "all"  # every object of the list, from mount time
 
@@ -78,14 +80,15 @@ class StoreConfig:
     """Everything the object layer needs; sizes in bytes, times in seconds."""
 
     cache_dir: Path
-    block_size: int = 1 << 20
-    concurrency: int = 16  # parallel requests for background fill (over all objects)
+    block_size: int = 64 << 10
+    concurrency: int = 32  # parallel requests for background fill (over all objects)
     max_rate: float | None = None  # bytes/s over all objects; None = unlimited
     prefetch: Prefetch = Prefetch.OPEN
     read_timeout: float = 60.0  # a read() waits at most this long for its blocks, then EIO
     http: HttpOptions = field(default_factory=HttpOptions)
     cache_size: int | None = None  # budget for the cache directory; None = unlimited
-    probe_concurrency: int = 32
+    probe_concurrency: int = 64
+    probe_at_mount: bool = True  # learn every entry's size in the background from mount time
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
 
 
@@ -138,6 +141,7 @@ class _Version:
         self.scopes: list[trio.CancelScope] = []  # of the fetcher and of each fill
         self.stopped = False
         self.filling = False
+        self.verifying = False  # a digest check was started
 
     def stop(self) -> None:
         """Stop this version's fetcher and fill now; no block is written after this."""
@@ -168,6 +172,7 @@ class ObjectHandle:
         self.keep_cache = keep_cache
         self._next_offset = -1  # where a sequential reader reads next
         self._readahead = 0  # bytes of read-ahead, grows while reads stay sequential
+        self._advised_to = 0  # the cache file is being read ahead up to here (WILLNEED)
 
     async def read(self, offset: int, size: int) -> bytes:
         """Return the bytes [offset, offset+size) clamped at EOF (b"" at or past EOF).
@@ -192,19 +197,40 @@ class ObjectHandle:
                     f"{obj.store.config.read_timeout:g} s"
                 )
             obj.check_generation(version)
+            if cache.complete():  # the reads themselves completed it: verify it now
+                obj.start_verify(version)
         self._read_ahead(offset, end, last)
-        return cache.read_at(offset, end - offset)
+        data = await cache.read_at_async(offset, end - offset)
+        obj.check_generation(version)  # the disk read may have overlapped a version change
+        return data
 
     def _read_ahead(self, offset: int, end: int, last: int) -> None:
-        """Grow read-ahead while reads are sequential; start background flights for it."""
+        """Grow read-ahead while reads are sequential; start background flights for it.
+
+        The second sequential read of a handle also starts the object's background fill
+        under ``--prefetch open``: a random reader fetches only the blocks it reads."""
         if offset == self._next_offset:
-            self._readahead = min(MAX_READAHEAD, max(2 * self._readahead, 4 << 20))
+            self._readahead = min(MAX_READAHEAD, max(2 * self._readahead, FIRST_READAHEAD))
         else:
             self._readahead = 0
+            self._advised_to = 0
         self._next_offset = end
-        if self._readahead and not self._version.filling:
-            bs = self._version.cache.block_size
-            self._version.fetcher.prefetch(last + 1, last + self._readahead // bs)
+        version = self._version
+        if not self._readahead:
+            return
+        # the cache file: have the kernel read ahead what this reader reads next
+        if self._advised_to < end + self._readahead // 2:
+            start = max(end, self._advised_to)
+            self._advised_to = min(version.cache.size, end + self._readahead)
+            version.cache.advise_willneed(start, self._advised_to - start)
+        if version.filling:
+            return
+        if self._obj.store.config.prefetch is Prefetch.OPEN:
+            self._obj.start_fill(version)
+            if version.filling:
+                return
+        bs = version.cache.block_size
+        version.fetcher.prefetch(last + 1, last + self._readahead // bs)
 
     def release(self) -> None:
         """The file handle was closed."""
@@ -218,19 +244,39 @@ class MountedObject:
         self.store = store
         self.key = key
         self.entry = entry
-        self.name = redact_url(entry.url)
+        self._name: str | None = None
         self.opened = 0
         self._meta: ObjectMeta | None = None
         self._meta_loaded = False
         self._info: RemoteInfo | None = None  # what this mount knows of the remote
         self._validated = False  # _info came from a probe of this mount
-        self._probe_lock = trio.Lock()
-        self._open_lock = trio.Lock()
+        # created on first use: a list of 100k entries must mount fast
+        self._probe_lock_: trio.Lock | None = None
+        self._open_lock_: trio.Lock | None = None
         self._version: _Version | None = None
         self._generation = 0
         self._keep_cache = True  # False once after a version change
         self._verified: str | None = None  # "ok" / "mismatch" once a digest was checked
         self._failed: RangefsError | None = None  # a digest mismatch: reads fail
+
+    @property
+    def name(self) -> str:
+        """The URL without credentials, for logs, errors and xattrs."""
+        if self._name is None:
+            self._name = redact_url(self.entry.url)
+        return self._name
+
+    @property
+    def _probe_lock(self) -> trio.Lock:
+        if self._probe_lock_ is None:
+            self._probe_lock_ = trio.Lock()
+        return self._probe_lock_
+
+    @property
+    def _open_lock(self) -> trio.Lock:
+        if self._open_lock_ is None:
+            self._open_lock_ = trio.Lock()
+        return self._open_lock_
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -294,10 +340,7 @@ class MountedObject:
         if meta != self._meta:
             self._meta = meta
             self._meta_loaded = True
-            try:
-                self.store.cachedir.save_meta(self.key, meta)
-            except OSError as exc:
-                log.warning("%s: cannot remember metadata: %s", self.name, exc)
+            self.store.cachedir.save_meta(self.key, meta)
 
     def cached_bytes(self) -> int:
         """Bytes of the object that are in the local cache now (for st_blocks)."""
@@ -342,8 +385,6 @@ class MountedObject:
             self.store.cachedir.touch(self.key)
             keep = self._keep_cache
             self._keep_cache = True
-        if self.store.config.prefetch is Prefetch.OPEN:
-            self.start_fill(version)
         self.opened += 1
         return ObjectHandle(self, version, keep_cache=keep)
 
@@ -392,7 +433,7 @@ class MountedObject:
         self._verified = None
         await self.store.nursery.start(version.run_fetcher)
         if cache.complete():
-            self.store.nursery.start_soon(self._verify, version)
+            self.start_verify(version)
         return version
 
     def check_generation(self, version: _Version) -> None:
@@ -433,7 +474,7 @@ class MountedObject:
     def evict(self) -> bool:
         """Close the cache of an object nobody has open, so its directory can go."""
         version = self._version
-        if self.opened > 0 or self._open_lock.locked():
+        if self.opened > 0 or (self._open_lock_ is not None and self._open_lock_.locked()):
             return False
         if version is not None:
             version.stop()
@@ -458,6 +499,12 @@ class MountedObject:
             version.filling = True
             self.store.nursery.start_soon(self._fill, version)
 
+    def start_verify(self, version: _Version) -> None:
+        """Check the digest of a complete version in the background, once."""
+        if not version.verifying and self.expected_digest() is not None:
+            version.verifying = True
+            self.store.nursery.start_soon(self._verify, version)
+
     async def _fill(self, version: _Version) -> None:
         try:
             with version.new_scope():
@@ -467,7 +514,7 @@ class MountedObject:
             version.filling = False
             return
         if version.cache.complete() and self._version is version:
-            await self._verify(version)
+            self.start_verify(version)
 
     async def _verify(self, version: _Version) -> None:
         """Hash a complete object once; a mismatch drops the cache and fails reads."""
@@ -586,8 +633,11 @@ class ObjectStore:
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         nursery.start_soon(self._flusher)
+                        nursery.start_soon(self._meta_saver)
                         if self.config.prefetch is Prefetch.ALL:
                             nursery.start_soon(self._prefetch_all)
+                        elif self.config.probe_at_mount:
+                            nursery.start_soon(self._probe_all)
                         task_status.started()
                         await trio.sleep_forever()
                 finally:
@@ -629,12 +679,50 @@ class ObjectStore:
             for cache in [c for c in retry if c.closed]:
                 del retry[cache]
 
+    async def _meta_saver(self) -> None:
+        """Save the metadata table when it changed, at most every META_SAVE_PERIOD seconds,
+        serialised and written in a worker thread (CacheDir.close saves the last state)."""
+        while True:
+            await trio.sleep(META_SAVE_PERIOD)
+            table = self.cachedir.meta_snapshot()
+            if table is None:
+                continue
+            try:
+                await trio.to_thread.run_sync(write_meta_table, self.cachedir.root, table)
+            except OSError as exc:
+                self.cachedir.meta_changed()  # try again next period, and at close
+                log.warning("cannot save the metadata table (sizes will be probed again on "
+                            "the next mount): %s", exc)
+
     async def _close_caches(self) -> None:
         for cache in self._caches():
             try:
                 cache.close()
             except RangefsError as exc:
                 log.error("cannot close the cache: %s", exc)
+
+    async def _probe_all(self) -> None:
+        """Learn every object's attributes in the background, from mount time, so that
+        `ls -l` and first opens do not wait for a probe each. Remembered metadata is loaded
+        from the cache directory; the rest is probed with the store's probe slots (shared
+        with lookups, which therefore never wait behind more than those). Failures are
+        left for the lookup of that entry to report."""
+        todo = iter(self.objects())
+
+        async def worker() -> None:
+            for obj in todo:
+                if obj.attrs_nowait() is not None:
+                    await trio.lowlevel.checkpoint()  # remembered: let others run between
+                    continue
+                try:
+                    await obj.probe()
+                except RangefsError as exc:
+                    log.info("%s: probe at mount failed: %s", obj.name, exc)
+
+        async with trio.open_nursery() as nursery:
+            # fewer workers than probe slots: a lookup never queues behind this
+            for _ in range(max(1, self.config.probe_concurrency * 3 // 4)):
+                nursery.start_soon(worker)
 
     async def _prefetch_all(self) -> None:
         """Policy 'all': open and fill every object of the list, one after another."""

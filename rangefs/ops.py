@@ -98,6 +98,9 @@ def _cause(exc: BaseException) -> str:
     return text
 
 
+IO_SIZE = 1 << 20  # st_blksize at least: cp, cat and tar read this much per call
+
+
 class RangeOperations(pyfuse3.Operations):
     """pyfuse3 handlers for one mount. Created and called on the trio thread only.
 
@@ -123,6 +126,8 @@ class RangeOperations(pyfuse3.Operations):
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._block_size = block_size
+        # st_blksize: the I/O size tools such as cp use; large, whatever the block size
+        self._io_size = max(block_size, IO_SIZE)
         self._timeout = store.config.read_timeout
         self._mount_time_ns = time.time_ns()
         self._handles: dict[FileHandle, tuple[ObjectHandle, str]] = {}  # handle, redacted URL
@@ -200,7 +205,7 @@ class RangeOperations(pyfuse3.Operations):
         attr.st_uid = self._uid
         attr.st_gid = self._gid
         attr.st_size = 0
-        attr.st_blksize = self._block_size
+        attr.st_blksize = self._io_size
         attr.st_blocks = 0
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._mount_time_ns
         attr.entry_timeout = ENTRY_TIMEOUT
@@ -216,7 +221,7 @@ class RangeOperations(pyfuse3.Operations):
         attr.st_nlink = 1
         attr.st_uid = self._uid
         attr.st_gid = self._gid
-        attr.st_blksize = self._block_size
+        attr.st_blksize = self._io_size
         attr.entry_timeout = ENTRY_TIMEOUT
         if attrs is None:  # unknown (a probe failed during readdir): stat asks again
             attr.st_size = 0

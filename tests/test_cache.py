@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import random
+import shutil
 import signal
 import stat
 import subprocess
@@ -921,3 +922,37 @@ def test_invalidate_failure_makes_cache_unusable(
         assert c2.cached_bytes_and_blocks() == (0, 0)  # its index names the new version
     with LocalDownloadCache.open(obj_dir, ident(300, 64, etag='"e2"')) as c3:
         assert c3.cached_bytes_and_blocks() == (0, 0)  # wrong data length: started over
+
+
+@pytest.mark.parametrize("where", ["disk", "tmpfs"])
+async def test_read_at_async_gives_read_at_bytes(tmp_path: Path, where: str) -> None:
+    """From the page cache (RWF_NOWAIT), from a worker thread after the page cache was
+    dropped, and on tmpfs, where RWF_NOWAIT is refused: the same bytes and errors as
+    read_at."""
+    if where == "tmpfs":
+        shm = Path("/dev/shm")
+        assert shm.is_dir(), "this machine has no /dev/shm"
+        directory = shm / f"rangefs-test-{os.getpid()}-{random.randrange(1 << 30)}"
+    else:
+        directory = tmp_path / "obj"
+    size, bs = 10 * 4096 + 17, 4096
+    try:
+        c = LocalDownloadCache.open(directory, ident(size, bs))
+        fill(c, range(c.num_blocks))
+        expected = c.read_at(0, size)
+        for offset, length in [(0, size), (5, 4096), (4095, 2), (size - 1, 1), (8192, 0)]:
+            assert await c.read_at_async(offset, length) == expected[offset:offset + length]
+        fd = os.open(directory / "data", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        assert await c.read_at_async(0, size) == expected
+        c.invalidate(ident(size, bs, etag='"v2"'))
+        with pytest.raises(errors.UncachedRange):
+            await c.read_at_async(0, 10)
+        with pytest.raises(errors.InvalidOffset):
+            await c.read_at_async(size, 1)
+        c.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

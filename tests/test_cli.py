@@ -103,8 +103,8 @@ def test_mount_help_explains_every_option_with_units_and_defaults() -> None:
     ):
         assert option in text
     for fact in (
-        "RANGEFS_CACHE_DIR", "RANGEFS_HEADER_FILE", "~/.cache/rangefs", "default: 1M",
-        "4K to 64M", "bytes per second", "default: 60.0", "default: open", "default: 16",
+        "RANGEFS_CACHE_DIR", "RANGEFS_HEADER_FILE", "~/.cache/rangefs", "default: 64K",
+        "4K to 64M", "bytes per second", "default: 60.0", "default: open", "default: 32",
         "default: unlimited", "-v info, -vv debug", "Never logged",
     ):
         assert fact in text, fact

@@ -208,7 +208,9 @@ async def test_transient_faults_are_retried_and_never_cached(
         version = obj._version
         assert version is not None
         assert version.fetcher.stats.blocks_written == version.cache.num_blocks
-        assert version.fetcher.stats.retries >= 2
+        # a reset before any answer byte on a reused keep-alive connection looks like one
+        # the server closed while idle: the HTTP client retries that once by itself
+        assert version.fetcher.stats.retries >= (1 if name == "reset" else 2)
     faulted = [r for r in origin.gets("/a") if r.fault is not None]
     assert len(faulted) == 2
 
@@ -346,8 +348,12 @@ async def test_background_fill_switches_to_the_stream(
     origin.add("/a", size)
     origin.fault_probability("/a", 1.0, [Fault("ignore_range", method="GET")])
     e = entry(origin, "/a")
-    async with running([e], tmp_path, prefetch=Prefetch.OPEN, concurrency=1) as get:
+    # 'all': the fill starts at mount time, before any reader could find it out
+    async with running([e], tmp_path, prefetch=Prefetch.ALL, concurrency=1) as get:
         obj = get(e)
+        with trio.fail_after(20):
+            while obj.xattrs().get("user.rangefs.blocks_cached", b"0") == b"0":  # noqa: ASYNC110
+                await trio.sleep(0.01)
         handle = await obj.open()
         with trio.fail_after(20):
             while obj.xattrs()["user.rangefs.complete"] != b"1":  # noqa: ASYNC110 - no event

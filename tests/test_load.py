@@ -29,7 +29,8 @@ from tests.mountutil import ROOT, child_env, mounted, write_list
 
 OBJECTS = 8
 SIZE = 32 << 20
-BS = 1 << 20
+BS = 1 << 20  # the readers' unit of size
+CACHE_BS = 64 << 10  # rangefs's default --block-size: the unit a block is fetched once in
 READERS = 16
 DURATION = 60.0  # seconds of reading (issue 5: 60 s)
 GET_DELAY_MS = 500  # every request waits this long at the origin: fill takes ~16 s
@@ -165,7 +166,8 @@ def test_16_readers_8_objects_with_background_fill(
     entries = [f"{origin_process.url(f'/objects/{i}')} {i}" for i in range(OBJECTS)]
     urls = write_list(tmp_path / "r.urls", entries)
     mnt = tmp_path / "mnt"
-    args = ("--concurrency", "2", "--read-timeout", str(READ_TIMEOUT))  # prefetch: open
+    args = ("--concurrency", "2", "--read-timeout", str(READ_TIMEOUT),
+            "--block-size", str(CACHE_BS))  # prefetch: open
     stats = Stats()
     beats: dict[int, float] = {}
     rss: list[int] = []
@@ -206,9 +208,9 @@ def test_16_readers_8_objects_with_background_fill(
         assert status == 206, (path, rng, status)
         start, _, end = (rng or "").removeprefix("bytes=").partition("-")
         assert sent == int(end) - int(start) + 1
-        for block in range(int(start) // BS, int(end) // BS + 1):
+        for block in range(int(start) // CACHE_BS, int(end) // CACHE_BS + 1):
             fetched[(path, block)] += 1
     twice = [k for k, n in fetched.items() if n > 1]
     assert not twice, f"fetched more than once: {twice[:10]}"
-    assert len(fetched) == OBJECTS * SIZE // BS  # ... and every block once
+    assert len(fetched) == OBJECTS * SIZE // CACHE_BS  # ... and every block once
     assert peak < RSS_LIMIT, f"rangefs VmHWM {peak} bytes"

@@ -245,8 +245,8 @@ def test_xattrs_listed_and_credentials_redacted(tmp_path: Path, mnt: Path, cache
         assert "hunter2" not in url and "s3cr3t" not in url and "user" not in url
         assert url.startswith("http://127.0.0.1:9/p/f.bin?")
         assert os.getxattr(target, "user.rangefs.size") == b"3000000"
-        assert os.getxattr(target, "user.rangefs.block_size") == str(1 << 20).encode()
-        assert os.getxattr(target, "user.rangefs.blocks_total") == b"3"
+        assert os.getxattr(target, "user.rangefs.block_size") == str(64 << 10).encode()
+        assert os.getxattr(target, "user.rangefs.blocks_total") == b"46"  # 3,000,000 / 64 KiB
         assert os.getxattr(target, "user.rangefs.blocks_cached") == b"0"
         assert os.getxattr(target, "user.rangefs.complete") == b"0"
         for other in ("user.rangefs.nope", "security.selinux", "system.posix_acl_access",

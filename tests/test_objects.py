@@ -117,7 +117,8 @@ async def test_remount_fetches_only_missing_blocks(origin: FaultServer, tmp_path
     assert origin.bytes_sent("/a") <= size - 4 * BS + 4096  # (+ at most a probe's byte)
 
 
-async def test_background_fill_completes_the_object(origin: FaultServer, tmp_path: Path) -> None:
+async def test_open_policy_fills_once_reads_are_sequential(origin: FaultServer,
+                                                            tmp_path: Path) -> None:
     size = 2 * 1024 * 1024 + 5
     origin.add("/a", size)
     e = entry(origin, "/a")
@@ -125,9 +126,31 @@ async def test_background_fill_completes_the_object(origin: FaultServer, tmp_pat
         obj = get(e)
         handle = await obj.open()
         check("/a", 100, await handle.read(100, 10))
+        await trio.sleep(0.3)  # one read is not a sequential reader: no fill
+        assert obj.xattrs()["user.rangefs.blocks_cached"] == b"1"
+        check("/a", 110, await handle.read(110, 10))  # the second, sequential, starts it
         await wait_until(lambda: obj.xattrs()["user.rangefs.complete"] == b"1")
         handle.release()
     assert sum(r.bytes_sent for r in origin.gets("/a")) <= size + 4096
+
+
+async def test_open_policy_random_reads_fetch_only_their_blocks(origin: FaultServer,
+                                                                tmp_path: Path) -> None:
+    size = 64 * BS
+    origin.add("/a", size)
+    e = entry(origin, "/a")
+    rng = random.Random(7)
+    blocks = rng.sample(range(0, 64, 2), 12)  # never adjacent: no read continues another
+    async with running([e], tmp_path, prefetch=Prefetch.OPEN) as get:
+        obj = get(e)
+        handle = await obj.open()
+        for block in blocks:
+            offset = block * BS + rng.randrange(BS - 4096)
+            check("/a", offset, await handle.read(offset, 4096))
+        await trio.sleep(0.3)
+        assert obj.xattrs()["user.rangefs.blocks_cached"] == str(len(blocks)).encode()
+        handle.release()
+    assert sum(r.bytes_sent for r in origin.gets("/a")) <= len(blocks) * (BS + 1024)
 
 
 async def test_transient_faults_are_retried(origin: FaultServer, tmp_path: Path) -> None:
@@ -222,6 +245,8 @@ async def test_digest_verified(origin: FaultServer, tmp_path: Path) -> None:
         check("/good", 0, await read_all(get(good)))
         await wait_until(lambda: get(good).xattrs()["user.rangefs.verified"] == b"ok")
         handle = await get(bad).open()
+        check("/bad", 0, await handle.read(0, 10))
+        check("/bad", 10, await handle.read(10, 10))  # sequential: the fill completes it
         await wait_until(lambda: get(bad).xattrs()["user.rangefs.verified"] == b"mismatch")
         with pytest.raises(DigestMismatch):
             await handle.read(0, 10)

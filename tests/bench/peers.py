@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -48,8 +49,8 @@ class Peer:
 PEERS: dict[str, Peer] = {
     p.name: p
     for p in (
-        Peer("rangefs", "fuse", "rangefs mount (defaults: --prefetch open, 1M blocks, "
-             "concurrency 16)", is_rangefs=True),
+        Peer("rangefs", "fuse", "rangefs mount (defaults: --prefetch open, 64K blocks, "
+             "concurrency 32)", is_rangefs=True),
         Peer("rangefs-none", "fuse", "rangefs mount --prefetch none", ("--prefetch", "none"),
              is_rangefs=True),
         Peer("aria2", "download", "aria2c -x16 -s16 -k1M"),
@@ -108,8 +109,10 @@ def fuse_argv(peer: Peer, *, base_url: str, sub: str, names: Sequence[str], moun
             for name in names:
                 size = f" size={sizes[name]}" if sizes and name in sizes else ""
                 fh.write(f"{url_dir}{name} {name}{size}\n")
+        # RANGEFS_BENCH_ARGS: extra mount options for experiments (the table's notes say so)
+        extra = shlex.split(os.environ.get("RANGEFS_BENCH_ARGS", ""))
         return [str(RANGEFS), "mount", "--foreground", "--cache-dir", str(cache_dir),
-                *peer.args, str(urls), str(mountpoint)]
+                *peer.args, *extra, str(urls), str(mountpoint)]
     if peer.name.startswith("rclone"):
         return ["rclone", "mount", ":http:", str(mountpoint), "--http-url", url_dir,
                 "--vfs-cache-mode", "full", "--cache-dir", str(cache_dir), "--read-only",
