@@ -32,6 +32,7 @@ import email.utils
 import logging
 import re
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -145,11 +146,15 @@ class HttpSession:
     ) -> None:
         self.options = options if options is not None else HttpOptions()
         opts = self.options
+        # Requests go straight to our lean HTTP/1.1 transport (~0.1 ms of CPU each, instead
+        # of ~1.5 ms in httpcore's pool and ~0.15 ms more in AsyncClient.send: a list of
+        # 10,000 URLs is probed in seconds). With a proxy in the environment, or basic auth,
+        # they go through the client, which routes them to httpx's own transports.
+        self._direct: FastTransport | None = None
         if transport is None:
-            # our lean HTTP/1.1 client: ~0.1 ms of CPU per request instead of ~1.5 ms in
-            # httpcore's pool (a list of 10,000 URLs is probed in seconds); proxies from the
-            # environment still go through httpx's own transports
             transport = FastTransport(max_connections=opts.max_connections)
+            if not urllib.request.getproxies():
+                self._direct = transport
         self._client = httpx.AsyncClient(
             transport=transport,
             follow_redirects=False,
@@ -345,6 +350,11 @@ class HttpSession:
             auth = httpx.BasicAuth(original.username, original.password)
         request = self._client.build_request(method, _strip_userinfo(url), headers=headers)
         try:
+            if self._direct is not None and auth is None:
+                response = await self._direct.handle_async_request(request)
+                log.debug("%s %s: HTTP %d", method, redact_url(str(request.url)),
+                          response.status_code)
+                return response
             return await self._client.send(request, stream=True, auth=auth)
         except httpx.TransportError as exc:
             raise self._transport_error(exc, label, url, original) from exc

@@ -46,7 +46,7 @@ Node = FileNode | DirNode
 class Tree:
     """Files and implied directories, by inode. Build with :meth:`from_entries`."""
 
-    __slots__ = ("_children", "_nodes", "_paths")
+    __slots__ = ("_children", "_listed", "_nodes", "_paths")
 
     def __init__(
         self,
@@ -59,6 +59,7 @@ class Tree:
         self._nodes = nodes
         self._children = children
         self._paths = paths
+        self._listed: dict[InodeNo, tuple[tuple[str, Node], ...]] = {}  # children(), memoised
 
     @classmethod
     def from_entries(cls, entries: Iterable[Entry]) -> Tree:
@@ -142,14 +143,20 @@ class Tree:
             return self._nodes[self._nodes[parent - 1].parent - 1]
         return kids.get(name)
 
-    def children(self, inode: InodeNo) -> list[tuple[str, Node]]:
+    def children(self, inode: InodeNo) -> tuple[tuple[str, Node], ...]:
         """The (name, node) pairs in directory ``inode``, sorted by name (no ``.``/``..``).
-        KeyError if ``inode`` is unknown, NotADirectoryError if it is a file."""
+        KeyError if ``inode`` is unknown, NotADirectoryError if it is a file. The sequence
+        is immutable and shared (readdir asks for it once per reply: a directory of 10,000
+        entries is not copied each time)."""
+        listed = self._listed.get(inode)
+        if listed is not None:
+            return listed
         kids = self._children.get(inode)
         if kids is None:
             self.node(inode)  # KeyError if unknown
             raise NotADirectoryError(f"inode {inode} is not a directory")
-        return list(kids.items())
+        listed = self._listed[inode] = tuple(kids.items())
+        return listed
 
     def files(self) -> list[FileNode]:
         """Every file, in inode order (which is sorted path order)."""

@@ -79,6 +79,7 @@ def test_metadata_table_round_trip_and_mode(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("content", [b"", b"{", b"[]", b'{"version": 2, "objects": {}}',
                                      b'{"version": 1, "objects": {"k": {"size": 1}}}',
+                                     b'{"version": 1, "objects": {"k": ["u", 1]}}',
                                      json.dumps({"version": 1, "objects": []}).encode()])
 def test_a_damaged_table_is_ignored(tmp_path: Path, content: bytes,
                                     caplog: pytest.LogCaptureFixture) -> None:
