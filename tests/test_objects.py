@@ -309,3 +309,33 @@ async def test_prefetch_all_fills_every_object_without_a_reader(
     async with running(entries, tmp_path, prefetch=Prefetch.NONE) as get:
         for i, e in enumerate(entries):
             check(f"/p{i}", 0, await read_all(get(e)))
+
+
+@pytest.mark.parametrize("at_mount", [True, False])
+async def test_sizes_are_probed_from_mount_time_and_remembered(
+    origin: FaultServer, tmp_path: Path, at_mount: bool
+) -> None:
+    """Without anyone asking, every entry without size=N is probed once, in the
+    background; a second store on the same cache knows every size without a request."""
+    paths = [f"/p{i}" for i in range(40)]
+    for i, path in enumerate(paths):
+        origin.add(path, 1000 + i)
+    entries = [entry(origin, p) for p in paths] + [entry(origin, "/sized", size=5)]
+    origin.add("/sized", 5)
+    async with running(entries, tmp_path, probe_at_mount=at_mount) as get:
+        if at_mount:
+            await wait_until(lambda: all(get(e).attrs_nowait() is not None for e in entries))
+            assert len(origin.requests(method="HEAD")) == len(paths)  # once each
+            assert origin.requests(path="/sized") == []  # its size was given
+        else:
+            await trio.sleep(0.3)
+            assert origin.requests() == []
+            for e in entries:
+                await get(e).attrs()
+    origin.reset_log()
+    async with running(entries, tmp_path, probe_at_mount=True) as get:
+        for i, e in enumerate(entries[:-1]):
+            attrs = get(e).attrs_nowait()
+            assert attrs is not None and attrs.size == 1000 + i
+        await trio.sleep(0.2)
+    assert origin.requests() == []
