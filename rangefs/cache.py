@@ -447,14 +447,23 @@ class LocalDownloadCache:
         tail = await trio.to_thread.run_sync(rest, abandon_on_cancel=True)
         return bytes(memoryview(buf)[:got]) + tail if got else tail
 
-    def advise_willneed(self, offset: int, size: int) -> None:
-        """Ask the kernel to start reading ``[offset, offset+size)`` of the data file into
-        the page cache, in the background (for a sequential reader's next reads). Best
-        effort: errors are ignored; bytes not cached are read but never served."""
+    async def advise_willneed(self, offset: int, size: int) -> None:
+        """Have the kernel read ``[offset, offset+size)`` of the data file into the page
+        cache (for a sequential reader's next reads). The advice runs in a worker thread on
+        a duplicate descriptor: submitting tens of MiB of reads blocks for milliseconds.
+        Best effort: errors are ignored; bytes not cached are read but never served."""
         if self._closed or self._fd < 0 or size <= 0:
             return
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_WILLNEED)
+        fd = os.dup(self._fd)
+
+        def advise() -> None:
+            try:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, offset, size, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+        await trio.to_thread.run_sync(advise)
 
     def _check_cached(self, offset: int, size: int) -> None:
         first, last = block_span(offset, size, self.block_size)

@@ -67,7 +67,7 @@ T = TypeVar("T")
 DEFAULT_DEMAND_REQUEST_BYTES = 256 << 10
 DEMAND_SPLIT = 4  # most requests one reader's wait is split into (larger runs beyond)
 DEFAULT_FILL_REQUEST_BYTES = 4 << 20  # largest run one background request asks for
-PREFETCH_WORKERS = 4  # read-ahead requests of one object at a time
+PREFETCH_WORKERS = 8  # read-ahead requests of one object at a time (32 MiB in 4 MiB runs)
 
 
 @dataclass

@@ -65,6 +65,7 @@ FLUSH_RETRY_MIN = 1.0  # seconds before a failed flush (e.g. a full disk) is tri
 FLUSH_RETRY_MAX = 30.0  # ... doubling up to this
 MAX_READAHEAD = 32 << 20  # bytes a sequential reader's read-ahead grows to
 FIRST_READAHEAD = 4 << 20  # read-ahead at the second sequential read, doubling from there
+CACHE_READAHEAD = 64 << 20  # bytes of the cache file a sequential reader has read ahead
 
 
 class Prefetch(enum.Enum):
@@ -218,11 +219,15 @@ class ObjectHandle:
         version = self._version
         if not self._readahead:
             return
-        # the cache file: have the kernel read ahead what this reader reads next
-        if self._advised_to < end + self._readahead // 2:
+        # the cache file: have the kernel read ahead what this reader reads next (one
+        # large advice keeps many disk reads in flight: 2.4 GB/s here, against 0.7 GB/s
+        # for the kernel's own read-ahead of one sequential stream)
+        if self._advised_to < end + CACHE_READAHEAD // 2:
             start = max(end, self._advised_to)
-            self._advised_to = min(version.cache.size, end + self._readahead)
-            version.cache.advise_willneed(start, self._advised_to - start)
+            self._advised_to = min(version.cache.size, end + CACHE_READAHEAD)
+            if self._advised_to > start:
+                self._obj.store.nursery.start_soon(
+                    version.cache.advise_willneed, start, self._advised_to - start)
         if version.filling:
             return
         if self._obj.store.config.prefetch is Prefetch.OPEN:
