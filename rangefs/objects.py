@@ -712,22 +712,30 @@ class ObjectStore:
         from the cache directory; the rest is probed with the store's probe slots (shared
         with lookups, which therefore never wait behind more than those). Failures are
         left for the lookup of that entry to report."""
-        todo = iter(self.objects())
+        # One task walks the list (the known ones cost no task switch: a remount of 10,000
+        # entries must not keep ~100 tasks runnable while `ls -l` waits for FUSE replies);
+        # the unknown ones go to the workers.
+        send, receive = trio.open_memory_channel[MountedObject](0)
 
-        async def worker() -> None:
-            for obj in todo:
-                if obj.attrs_nowait() is not None:
-                    await trio.lowlevel.checkpoint()  # remembered: let others run between
-                    continue
-                try:
-                    await obj.probe()
-                except RangefsError as exc:
-                    log.info("%s: probe at mount failed: %s", obj.name, exc)
+        async def worker(objects: trio.MemoryReceiveChannel[MountedObject]) -> None:
+            async with objects:
+                async for obj in objects:
+                    try:
+                        await obj.probe()
+                    except RangefsError as exc:
+                        log.info("%s: probe at mount failed: %s", obj.name, exc)
 
         async with trio.open_nursery() as nursery:
-            # fewer workers than probe slots: a lookup never queues behind this
-            for _ in range(max(1, self.config.probe_concurrency * 3 // 4)):
-                nursery.start_soon(worker)
+            async with receive:
+                # fewer workers than probe slots: a lookup never queues behind this
+                for _ in range(max(1, self.config.probe_concurrency * 3 // 4)):
+                    nursery.start_soon(worker, receive.clone())
+            async with send:
+                for i, obj in enumerate(self.objects()):
+                    if obj.attrs_nowait() is None:
+                        await send.send(obj)
+                    elif i % 1024 == 0:
+                        await trio.lowlevel.checkpoint()
 
     async def _prefetch_all(self) -> None:
         """Policy 'all': open and fill every object of the list, one after another."""
