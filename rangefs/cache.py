@@ -384,18 +384,8 @@ class LocalDownloadCache:
         before calling). Every block from the first to the last byte touched must be cached,
         else ``UncachedRange`` naming the first missing offset. ``size`` 0 gives b"".
         """
-        self._check_usable()
-        if offset < 0 or offset >= self.size:
-            raise errors.InvalidOffset(
-                f"offset {offset} is outside {self._directory} (size {self.size})"
-            )
-        if size < 0 or offset + size > self.size:
-            raise errors.InvalidBlockSize(
-                f"{size} bytes at offset {offset} run past the end ({self.size})"
-            )
-        if size == 0:
+        if not self._check_read(offset, size):
             return b""
-        self._check_cached(offset, size)
         return _pread_exactly(self._fd, offset, size, self._directory)
 
     async def read_at_async(self, offset: int, size: int) -> bytes:
@@ -408,18 +398,8 @@ class LocalDownloadCache:
         that the version it read is still current (the bytes are of the version that was
         current when this was called). Cancellation abandons the thread's result.
         """
-        self._check_usable()
-        if offset < 0 or offset >= self.size:
-            raise errors.InvalidOffset(
-                f"offset {offset} is outside {self._directory} (size {self.size})"
-            )
-        if size < 0 or offset + size > self.size:
-            raise errors.InvalidBlockSize(
-                f"{size} bytes at offset {offset} run past the end ({self.size})"
-            )
-        if size == 0:
+        if not self._check_read(offset, size):
             return b""
-        self._check_cached(offset, size)
         buf = bytearray(size)
         got = 0
         if self._nowait:
@@ -465,12 +445,25 @@ class LocalDownloadCache:
 
         await trio.to_thread.run_sync(advise)
 
-    def _check_cached(self, offset: int, size: int) -> None:
+    def _check_read(self, offset: int, size: int) -> bool:
+        """The checks of :meth:`read_at`, raising its errors; False for ``size`` 0."""
+        self._check_usable()
+        if offset < 0 or offset >= self.size:
+            raise errors.InvalidOffset(
+                f"offset {offset} is outside {self._directory} (size {self.size})"
+            )
+        if size < 0 or offset + size > self.size:
+            raise errors.InvalidBlockSize(
+                f"{size} bytes at offset {offset} run past the end ({self.size})"
+            )
+        if size == 0:
+            return False
         first, last = block_span(offset, size, self.block_size)
         missing = self._bitmap.first_clear(first, last + 1)
         if missing is not None:
             pos = max(offset, missing * self.block_size)
             raise errors.UncachedRange(f"offset {pos} is not cached ({self._directory})")
+        return True
 
     # -- persistence --------------------------------------------------------------------
 
