@@ -89,14 +89,12 @@ class _Flight:
         "demand",
         "ended",
         "error",
-        "first",
         "last",
         "next_block",
         "sequential",
     )
 
     def __init__(self, first: int, last: int, *, demand: bool, sequential: bool = False) -> None:
-        self.first = first
         self.last = last
         self.sequential = sequential  # one whole-object GET; writes every missing block
         self.next_block = first  # the first block of the run not yet written
