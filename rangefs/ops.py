@@ -393,9 +393,13 @@ class RangeOperations(pyfuse3.Operations):
             return self._object(node).xattrs()
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(b"user."):
+            # security.*, system.* (ACLs), trusted.*: not supported here. ls -l asks every
+            # file for security.selinux and system.posix_acl_access; EOPNOTSUPP (not
+            # ENODATA) tells it the whole file system has none, so it stops asking.
+            self._node(inode)
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         if not name.startswith(b"user.rangefs."):
-            # ls -l asks every file for security.selinux and system.posix_acl_access:
-            # answer without building the object's attributes
             self._node(inode)
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         values = self._xattrs(inode, "getxattr")
