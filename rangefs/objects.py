@@ -189,6 +189,8 @@ class ObjectHandle:
         if size <= 0 or offset >= end:
             return b""
         first, last = block_span(offset, end - offset, cache.block_size)
+        # read-ahead and fill first: their flights start while this read waits for its own
+        self._read_ahead(offset, end, last)
         if cache.bitmap.first_clear(first, last + 1) is not None:
             with trio.move_on_after(obj.store.config.read_timeout) as scope:
                 await version.fetcher.fetch(first, last)
@@ -200,7 +202,6 @@ class ObjectHandle:
             obj.check_generation(version)
             if cache.complete():  # the reads themselves completed it: verify it now
                 obj.start_verify(version)
-        self._read_ahead(offset, end, last)
         data = await cache.read_at_async(offset, end - offset)
         obj.check_generation(version)  # the disk read may have overlapped a version change
         return data

@@ -134,6 +134,24 @@ async def test_open_policy_fills_once_reads_are_sequential(origin: FaultServer,
     assert sum(r.bytes_sent for r in origin.gets("/a")) <= size + 4096
 
 
+async def test_fill_starts_while_the_second_sequential_read_waits(origin: FaultServer,
+                                                                  tmp_path: Path) -> None:
+    """The fill's requests go out with the read that starts it, not after its answer."""
+    origin.add("/a", 64 * BS)
+    e = entry(origin, "/a")
+    async with running([e], tmp_path, prefetch=Prefetch.OPEN) as get:
+        handle = await get(e).open()
+        check("/a", 0, await handle.read(0, 10))
+        origin.delay = 0.5  # every answer from now on comes 0.5 s after its request
+        check("/a", 10, await handle.read(10, BS))  # sequential, and needs block 1
+        handle.release()
+    starts = {r.range: r.time for r in origin.gets("/a") if r.range}
+    own = starts[f"bytes={BS}-{2 * BS - 1}"]
+    fill = [t for rng, t in starts.items() if int(rng[6:].split("-")[0]) >= 2 * BS]
+    assert fill, starts
+    assert min(fill) - own < 0.25, starts  # before the read's own answer (>= 0.5 s)
+
+
 async def test_open_policy_random_reads_fetch_only_their_blocks(origin: FaultServer,
                                                                 tmp_path: Path) -> None:
     size = 64 * BS
