@@ -176,10 +176,6 @@ class Backoff:
     rng: random.Random | None = field(default=None, repr=False)
     _gave_up: bool = field(default=False, init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if self.rng is None:
-            self.rng = random.Random()
-
     @property
     def done(self) -> bool:
         """True if no further retry will be allowed."""
@@ -191,7 +187,8 @@ class Backoff:
         policy = self.policy
         exponent = min(self.retries, 1023)
         base = min(policy.maximum, policy.initial * 2.0**exponent)
-        assert self.rng is not None
+        if self.rng is None:  # made on the first retry: seeding costs more than a probe
+            self.rng = random.Random()
         return base / 2 + self.rng.uniform(0, base / 2)
 
     def delay_for(self, error: BaseException) -> float | None:

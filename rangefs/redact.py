@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 
+@functools.lru_cache(maxsize=1 << 14)  # the same URL is named again by every message
 def redact_url(url: str) -> str:
     """``url`` fit for a message or a log: no userinfo, every query value replaced by
     ``REDACTED`` (a query item without ``=`` is replaced whole), no fragment. Never raises."""

@@ -171,6 +171,10 @@ class HttpSession:
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         )
         self._header_secrets = [v for _, v in opts.headers if len(v) >= 4]
+        # what build_request would add to every request of the direct path
+        self._base_fields = {name.lower(): (name, value)
+                             for name, value in self._client.headers.items()}
+        self._extensions = {"timeout": self._client.timeout.as_dict()}
 
     async def __aenter__(self) -> HttpSession:
         return self
@@ -208,7 +212,7 @@ class HttpSession:
         label = f"HEAD {redact_url(url)}"
         response, final = await self._send("HEAD", original, original, {}, label)
         try:
-            status, headers = response.status_code, response.headers
+            status, headers = response.status_code, _fields(response)
             if status == 200:
                 length = _content_length_or_none(headers)
                 if not _identity_encoded(headers):
@@ -232,7 +236,7 @@ class HttpSession:
         label = f"GET {redact_url(str(original))} bytes=0-0"
         response, final = await self._send("GET", original, original, {"Range": "bytes=0-0"}, label)
         try:
-            status, headers = response.status_code, response.headers
+            status, headers = response.status_code, _fields(response)
             at = _at(final, original)
             if status in (200, 206):
                 self._require_identity(headers, label, at)
@@ -263,7 +267,7 @@ class HttpSession:
             await _discard(response, limit=1)
 
     def _info(
-        self, final: httpx.URL, size: int, headers: httpx.Headers, *, accept_ranges: bool
+        self, final: httpx.URL, size: int, headers: Mapping[str, str], *, accept_ranges: bool
     ) -> RemoteInfo:
         last_modified = headers.get("last-modified") or None
         digest = parse_repr_digest(headers.get("repr-digest"))
@@ -341,25 +345,41 @@ class HttpSession:
         label: str,
     ) -> httpx.Response:
         same_origin = _origin(url) == _origin(original)
-        headers = httpx.Headers(list(self.options.headers) if same_origin else [])
-        for name, value in extra.items():
-            headers[name] = value
-        headers["Accept-Encoding"] = "identity"
         auth: httpx.Auth | None = None
         if same_origin and original.userinfo:
             auth = httpx.BasicAuth(original.username, original.password)
-        request = self._client.build_request(method, _strip_userinfo(url), headers=headers)
+        direct = self._direct is not None and auth is None
+        if direct:
+            # what the branch below builds, without build_request's cost: the user's fields
+            # (repeated names kept), ours replacing theirs, the client's under all of them
+            ours = [*extra.items(), ("Accept-Encoding", "identity")]
+            replaced = {name.lower() for name, _ in ours}
+            fields = [f for f in self.options.headers if f[0].lower() not in replaced] \
+                if same_origin else []
+            fields += ours
+            replaced.update(name.lower() for name, _ in fields)
+            fields[:0] = [f for key, f in self._base_fields.items() if key not in replaced]
+            request = httpx.Request(method, _strip_userinfo(url), headers=fields,
+                                    extensions=self._extensions)
+        else:
+            headers = httpx.Headers(list(self.options.headers) if same_origin else [])
+            for name, value in extra.items():
+                headers[name] = value
+            headers["Accept-Encoding"] = "identity"
+            request = self._client.build_request(method, _strip_userinfo(url), headers=headers)
         try:
-            if self._direct is not None and auth is None:
+            if direct:
+                assert self._direct is not None
                 response = await self._direct.handle_async_request(request)
-                log.debug("%s %s: HTTP %d", method, redact_url(str(request.url)),
-                          response.status_code)
+                if log.isEnabledFor(logging.DEBUG):  # redacting costs more than the request
+                    log.debug("%s %s: HTTP %d", method, redact_url(str(request.url)),
+                              response.status_code)
                 return response
             return await self._client.send(request, stream=True, auth=auth)
         except httpx.TransportError as exc:
             raise self._transport_error(exc, label, url, original) from exc
 
-    def _require_identity(self, headers: httpx.Headers, label: str, at: str) -> None:
+    def _require_identity(self, headers: Mapping[str, str], label: str, at: str) -> None:
         if not _identity_encoded(headers):
             raise TransientError(
                 f"{label}: the server misbehaves: it sent an encoded body (Content-Encoding) "
@@ -478,7 +498,7 @@ class HttpReader(Reader):
 
     def _check(self, response: httpx.Response, rng: ByteRange, label: str, url: httpx.URL) -> None:
         """Raise unless ``response`` is exactly the bytes of ``rng`` of our version."""
-        status, headers, size = response.status_code, response.headers, self.info.size
+        status, headers, size = response.status_code, _fields(response), self.info.size
         at = _at(url, self._original)
         if status == 412:
             raise RemoteChanged(f"{label}: the remote object changed (HTTP 412){at}")
@@ -535,7 +555,7 @@ class HttpReader(Reader):
                 f"the Content-Range{at}"
             )
 
-    def _validator_change(self, headers: httpx.Headers) -> str | None:
+    def _validator_change(self, headers: Mapping[str, str]) -> str | None:
         """What differs between the answer's validators and ``info``'s, or None."""
         etag = headers.get("etag")
         if etag and self.info.etag and etag != self.info.etag:
@@ -692,17 +712,28 @@ def _if_range_value(info: RemoteInfo) -> str | None:
     return info.last_modified or None
 
 
-def _identity_encoded(headers: httpx.Headers) -> bool:
+def _fields(response: httpx.Response) -> dict[str, str]:
+    """The answer's header fields by lower-case name, repeated fields joined with ", " (as
+    ``httpx.Headers.get`` gives them), decoded once: a lookup in ``httpx.Headers`` decodes
+    and scans every field, and a probe makes about ten."""
+    fields: dict[str, str] = {}
+    for name, value in response.headers.multi_items():
+        known = fields.get(name)
+        fields[name] = value if known is None else f"{known}, {value}"
+    return fields
+
+
+def _identity_encoded(headers: Mapping[str, str]) -> bool:
     encodings = [e.strip().lower() for e in headers.get("content-encoding", "").split(",")]
     return all(e in ("", "identity") for e in encodings)
 
 
-def _accepts_bytes(headers: httpx.Headers) -> bool:
+def _accepts_bytes(headers: Mapping[str, str]) -> bool:
     units = [u.strip().lower() for u in headers.get("accept-ranges", "").split(",")]
     return "bytes" in units
 
 
-def _content_length(headers: httpx.Headers) -> int | None:
+def _content_length(headers: Mapping[str, str]) -> int | None:
     """``Content-Length`` as an int; None if absent, ValueError if malformed."""
     value = headers.get("content-length")
     if value is None:
@@ -716,7 +747,7 @@ def _content_length(headers: httpx.Headers) -> int | None:
     return int(text)
 
 
-def _content_length_or_none(headers: httpx.Headers) -> int | None:
+def _content_length_or_none(headers: Mapping[str, str]) -> int | None:
     try:
         return _content_length(headers)
     except ValueError:

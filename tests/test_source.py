@@ -12,6 +12,8 @@ import base64
 import email.utils
 import hashlib
 import re
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -924,3 +926,73 @@ async def test_session_client_settings() -> None:
         assert isinstance(session.reader(URL, info()), HttpReader)
     with pytest.raises(PermanentError, match="not an http"):
         session.reader("file:///etc/passwd", info())
+
+
+class _HeadRecorder:
+    """A raw HTTP/1.1 server on 127.0.0.1 that records every request head and answers
+    ``200``, ``Content-Length: 10``, ``Accept-Ranges: bytes`` (no body: HEAD only)."""
+
+    def __init__(self) -> None:
+        self.heads: list[list[tuple[str, str]]] = []
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")[1:]
+                fields = (line.partition(":") for line in lines)
+                self.heads.append([(name, value.strip()) for name, _, value in fields])
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n"
+                             b"Accept-Ranges: bytes\r\n\r\n")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.mark.parametrize("user", [
+    (),
+    (("User-Agent", "mine/1"), ("X-Token", "abc"), ("Cookie", "a=1"), ("Cookie", "b=2"),
+     ("accept-encoding", "gzip")),
+])
+async def test_direct_requests_carry_what_the_client_would_send(
+    user: tuple[tuple[str, str], ...]
+) -> None:
+    """The direct path (no proxy, no basic auth) builds its requests itself; they must carry
+    the same fields as the client's build_request (the other path) would, each once."""
+    server = _HeadRecorder()
+    try:
+        url = f"http://127.0.0.1:{server.port}/obj"
+        direct = HttpSession(HttpOptions(headers=user))
+        through_client = HttpSession(HttpOptions(headers=user))
+        through_client._direct = None  # the other path, for comparison
+        async with direct, through_client:
+            await direct.probe(url)
+            await through_client.probe(url)
+    finally:
+        server.close()
+    mine, reference = (sorted((n.lower(), v) for n, v in head) for head in server.heads)
+    assert mine == reference
+    names = [n for n, _ in mine]
+    assert names.count("user-agent") == names.count("accept-encoding") == 1
+    assert ("accept-encoding", "identity") in mine
+    assert ("user-agent", "mine/1" if user else USER_AGENT) in mine
+    if user:
+        assert ("cookie", "a=1") in mine and ("cookie", "b=2") in mine
