@@ -17,6 +17,9 @@ Concurrency protocol (everything runs on the one trio thread):
   ``fill_slots``: a reader never queues behind background fill (demand first). Background
   work (fill, read-ahead) takes its slot BEFORE it registers blocks, so a reader never
   waits on a background flight that has no connection yet: it starts its own.
+- Background requests are short just past the latest read and grow with the distance
+  from it (to ``fill_request_bytes``): a reader that catches up with the fill waits for a
+  few short requests in parallel, not for the middle of one long stream.
 - Bodies are streamed: each whole block is written to the cache as soon as its last byte
   arrives, which sets its bit; a waiter sleeps until the flight is past the last block it
   needs from that flight (one wake-up per read, not one per block).
@@ -170,6 +173,7 @@ class ObjectFetcher:
         self._inflight: dict[int, _Flight] = {}
         self._hold_until = 0.0  # trio time before which no request of this object starts
         self._cursor = 0  # where background fill looks first: just past the latest demand
+        self._front = 0  # just past the latest demand read: fill runs grow with the distance
         self._nursery: trio.Nursery | None = None
         self._stopped = False  # set by stop(): no block may be written any more
         self._fatal: RangefsError | None = None  # set when the remote changed
@@ -181,6 +185,7 @@ class ObjectFetcher:
         self._prefetch_next = 0  # read-ahead window: next block to consider ...
         self._prefetch_last = -1  # ... up to this one
         self._prefetch_workers = 0
+        self._prefetch_front = 0  # where the read-ahead window started (runs grow from it)
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -222,7 +227,7 @@ class ObjectFetcher:
         cancel any flight. Callers bound the wait themselves (trio.fail_after).
         """
         bitmap = self.cache.bitmap
-        self._cursor = last + 1
+        self._cursor = self._front = last + 1
         block = first
         while True:
             next_missing = bitmap.first_clear(block, last + 1)
@@ -255,7 +260,8 @@ class ObjectFetcher:
         last = min(last, self.cache.num_blocks - 1)
         if first > last or self._nursery is None or self._sequential:
             return
-        self._prefetch_next = first if self._prefetch_last < first else self._prefetch_next
+        if self._prefetch_last < first:
+            self._prefetch_next = self._prefetch_front = first
         self._prefetch_last = max(self._prefetch_last, last)
         if self._prefetch_workers < PREFETCH_WORKERS:
             self._prefetch_workers += 1
@@ -271,9 +277,8 @@ class ObjectFetcher:
                     if block is None or self._sequential:
                         return
                     end = block
-                    while end + 1 < stop and end - block + 1 < self._fill_run and self._idle(
-                        end + 1
-                    ):
+                    run = self._run_at(block, self._prefetch_front)
+                    while end + 1 < stop and end - block + 1 < run and self._idle(end + 1):
                         end += 1
                     self._prefetch_next = end + 1
                     flight = self._register(block, end, demand=False)
@@ -363,12 +368,22 @@ class ObjectFetcher:
             block = self._first_idle(start, stop)
             if block is not None:
                 end = block
-                limit = min(stop, block + self._fill_run)
+                limit = min(stop, block + self._run_at(block, self._front))
                 while end + 1 < limit and self._idle(end + 1):
                     end += 1
                 self._cursor = end + 1
                 return block, end
         return None
+
+    def _run_at(self, block: int, front: int) -> int:
+        """Most blocks one background request starting at ``block`` may ask for: small
+        just past a reader's front, growing with the distance from it up to the fill run.
+        A reader that catches up with the fill then waits for several short requests in
+        parallel, not for the first megabytes of one long stream (16 MiB/s per connection:
+        the 3rd MiB of a 4 MiB request comes 190 ms after it started)."""
+        if block < front:
+            return self._fill_run
+        return min(self._fill_run, max(self._demand_run, block - front))
 
     def _first_idle(self, start: int, stop: int) -> int | None:
         """The first missing block in [start, stop) that no flight carries, or None.

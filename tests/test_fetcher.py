@@ -57,8 +57,8 @@ async def harness(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
         backoff=BackoffPolicy(initial=0.1, maximum=1.0, steps=params.get("steps", 4)),
         demand_slots=trio.CapacityLimiter(4),
         fill_slots=trio.CapacityLimiter(params.get("fill_slots", 4)),
-        demand_request_bytes=16 * BS,
-        fill_request_bytes=8 * BS,
+        demand_request_bytes=params.get("demand_request_bytes", 16 * BS),
+        fill_request_bytes=params.get("fill_request_bytes", 8 * BS),
         on_remote_changed=changed.append,
     )
     async with trio.open_nursery() as nursery:
@@ -181,6 +181,22 @@ async def test_fill_fetches_every_block_once(harness: Harness) -> None:
     await harness.fetcher.fill(4)
     assert harness.cache.complete()
     assert harness.reader.bytes_requested() == harness.cache.size
+    check_cached(harness, 0, harness.cache.num_blocks - 1)
+
+
+@pytest.mark.parametrize(
+    "harness", [{"demand_request_bytes": 2 * BS, "fill_request_bytes": 16 * BS}], indirect=True
+)
+async def test_fill_requests_grow_with_the_distance_from_the_reader(harness: Harness) -> None:
+    """Short requests just past the latest read (a reader that catches up waits for several
+    in parallel), growing to the fill run farther away; the rest wraps around."""
+    await harness.fetcher.fetch(9, 9)
+    harness.reader.requests.clear()
+    await harness.fetcher.fill(1)
+    runs = [(r.start // BS, r.size // BS) for r in harness.reader.requests]
+    assert runs[:7] == [(10, 2), (12, 2), (14, 4), (18, 8), (26, 16), (42, 16), (58, 16)]
+    assert runs[-1] == (0, 9)  # before the reader: full-size runs
+    assert harness.reader.bytes_requested() == harness.cache.size - BS
     check_cached(harness, 0, harness.cache.num_blocks - 1)
 
 
