@@ -348,18 +348,17 @@ class HttpSession:
         auth: httpx.Auth | None = None
         if same_origin and original.userinfo:
             auth = httpx.BasicAuth(original.username, original.password)
-        direct = self._direct is not None and auth is None
-        if direct:
+        direct = self._direct if auth is None else None
+        if direct is not None:
             # what the branch below builds, without build_request's cost: the user's fields
             # (repeated names kept), ours replacing theirs, the client's under all of them
             ours = [*extra.items(), ("Accept-Encoding", "identity")]
-            replaced = {name.lower() for name, _ in ours}
-            fields = [f for f in self.options.headers if f[0].lower() not in replaced] \
+            our_names = {name.lower() for name, _ in ours}
+            user = [f for f in self.options.headers if f[0].lower() not in our_names] \
                 if same_origin else []
-            fields += ours
-            replaced.update(name.lower() for name, _ in fields)
-            fields[:0] = [f for key, f in self._base_fields.items() if key not in replaced]
-            request = httpx.Request(method, _strip_userinfo(url), headers=fields,
+            given = our_names | {name.lower() for name, _ in user}
+            client = [f for key, f in self._base_fields.items() if key not in given]
+            request = httpx.Request(method, _strip_userinfo(url), headers=client + user + ours,
                                     extensions=self._extensions)
         else:
             headers = httpx.Headers(list(self.options.headers) if same_origin else [])
@@ -368,9 +367,8 @@ class HttpSession:
             headers["Accept-Encoding"] = "identity"
             request = self._client.build_request(method, _strip_userinfo(url), headers=headers)
         try:
-            if direct:
-                assert self._direct is not None
-                response = await self._direct.handle_async_request(request)
+            if direct is not None:
+                response = await direct.handle_async_request(request)
                 if log.isEnabledFor(logging.DEBUG):  # redacting costs more than the request
                     log.debug("%s %s: HTTP %d", method, redact_url(str(request.url)),
                               response.status_code)
