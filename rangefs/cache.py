@@ -94,6 +94,9 @@ def _os_error(what: str, exc: OSError) -> errors.RangefsError:
     return errors.InternalError(f"{what}: {exc}")
 
 
+PRELOAD_CHUNK = 2 << 20  # bytes per read of preload(): the best of 1-8 MiB measured here
+
+
 class DownloadCache(Protocol):
     """What fetchers and readers need from a block cache (``LocalDownloadCache`` is one)."""
 
@@ -427,23 +430,45 @@ class LocalDownloadCache:
         tail = await trio.to_thread.run_sync(rest, abandon_on_cancel=True)
         return bytes(memoryview(buf)[:got]) + tail if got else tail
 
-    async def advise_willneed(self, offset: int, size: int) -> None:
-        """Have the kernel read ``[offset, offset+size)`` of the data file into the page
-        cache (for a sequential reader's next reads). The advice runs in a worker thread on
-        a duplicate descriptor: submitting tens of MiB of reads blocks for milliseconds.
-        Best effort: errors are ignored; bytes not cached are read but never served."""
+    async def preload(self, offset: int, size: int) -> None:
+        """Bring the cached blocks of ``[offset, offset+size)`` into the page cache, for a
+        sequential reader's next reads. Stops at the first block not cached (those are
+        being fetched and land in the page cache when written).
+
+        The bytes are read and thrown away by a worker thread, ``PRELOAD_CHUNK`` at a time,
+        from a duplicate descriptor: from a cold page cache that keeps the disk busier than
+        ``POSIX_FADV_WILLNEED`` (measured here on 256 MiB: 1.4-2.1 GB/s against 1.0-1.4).
+        Best effort: an OS error ends it quietly (a read that needs the bytes reports its
+        own); it stops early once the cache is closed. Cancellation waits for the chunk
+        in progress (milliseconds)."""
         if self._closed or self._fd < 0 or size <= 0:
+            return
+        end = min(offset + size, self.size)
+        first, last = block_span(offset, end - offset, self.block_size)
+        missing = self.bitmap.first_clear(first, last + 1)
+        if missing is not None:
+            end = min(end, missing * self.block_size)
+        if end <= offset:
             return
         fd = os.dup(self._fd)
 
-        def advise() -> None:
+        def read_and_drop() -> None:
+            scratch = bytearray(min(PRELOAD_CHUNK, end - offset))
+            view = memoryview(scratch)
             try:
-                with contextlib.suppress(OSError):
-                    os.posix_fadvise(fd, offset, size, os.POSIX_FADV_WILLNEED)
+                at = offset
+                while at < end and not self._closed:
+                    got = os.preadv(fd, [view[: min(len(view), end - at)]], at)
+                    if got <= 0:
+                        return
+                    at += got
+            except OSError:
+                return
             finally:
+                view.release()
                 os.close(fd)
 
-        await trio.to_thread.run_sync(advise)
+        await trio.to_thread.run_sync(read_and_drop)
 
     def _check_read(self, offset: int, size: int) -> bool:
         """The checks of :meth:`read_at`, raising its errors; False for ``size`` 0."""

@@ -956,3 +956,41 @@ async def test_read_at_async_gives_read_at_bytes(tmp_path: Path, where: str) -> 
         c.close()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _in_page_cache(path: Path, offset: int, size: int) -> bool:
+    """Whether [offset, offset+size) of the file is in the page cache (an RWF_NOWAIT read)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(size)], offset, os.RWF_NOWAIT) == size
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+async def test_preload_reads_cached_blocks_into_the_page_cache(tmp_path: Path) -> None:
+    """preload() brings the cached blocks of a range into the page cache, up to the first
+    block that is not cached; after close() it does nothing."""
+    bs = 1 << 20
+    size = 32 * bs
+    directory = tmp_path / "obj"
+    c = LocalDownloadCache.open(directory, ident(size, bs))
+    fill(c, [0, 1, 3, 4, *range(20, 32)])  # block 2 missing
+    await c.flush()  # clean pages: the kernel can drop them
+    data = directory / "data"
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert not _in_page_cache(data, 0, bs), "the page cache was not dropped: cannot test"
+    assert not _in_page_cache(data, 24 * bs, bs)
+    await c.preload(0, size)
+    assert _in_page_cache(data, 0, 2 * bs)
+    assert not _in_page_cache(data, 24 * bs, bs)  # past the gap at block 2: not read
+    await c.preload(20 * bs, 8 * bs)
+    assert _in_page_cache(data, 20 * bs, 8 * bs)
+    assert await c.read_at_async(20 * bs, 8 * bs) == c.read_at(20 * bs, 8 * bs)
+    c.close()
+    await c.preload(0, size)  # closed: nothing, no error
