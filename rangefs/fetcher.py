@@ -17,9 +17,11 @@ Concurrency protocol (everything runs on the one trio thread):
   ``fill_slots``: a reader never queues behind background fill (demand first). Background
   work (fill, read-ahead) takes its slot BEFORE it registers blocks, so a reader never
   waits on a background flight that has no connection yet: it starts its own.
-- Background requests are short just past the latest read and grow with the distance
-  from it (to ``fill_request_bytes``): a reader that catches up with the fill waits for a
-  few short requests in parallel, not for the middle of one long stream.
+- Background requests are short just past a reader and grow with the distance from the
+  nearest reader behind them (to ``fill_request_bytes``; the last ``READERS_TRACKED``
+  reader positions of the object count): a reader that catches up with the fill waits for
+  a few short requests in parallel, not for the middle of one long stream. Read-ahead
+  keeps one window per sequential reader and serves the windows in turn.
 - Bodies are streamed: each whole block is written to the cache as soon as its last byte
   arrives, which sets its bit; a waiter sleeps until the flight is past the last block it
   needs from that flight (one wake-up per read, not one per block).
@@ -71,6 +73,17 @@ DEFAULT_DEMAND_REQUEST_BYTES = 256 << 10
 DEMAND_SPLIT = 4  # most requests one reader's wait is split into (larger runs beyond)
 DEFAULT_FILL_REQUEST_BYTES = 4 << 20  # largest run one background request asks for
 PREFETCH_WORKERS = 8  # read-ahead requests of one object at a time (32 MiB in 4 MiB runs)
+READERS_TRACKED = 16  # reader positions (and read-ahead windows) one object remembers
+
+
+class _Window:
+    """The read-ahead window of one sequential reader: blocks ``next..last`` to consider."""
+
+    __slots__ = ("last", "next")
+
+    def __init__(self, first: int, last: int) -> None:
+        self.next = first
+        self.last = last
 
 
 @dataclass
@@ -173,7 +186,9 @@ class ObjectFetcher:
         self._inflight: dict[int, _Flight] = {}
         self._hold_until = 0.0  # trio time before which no request of this object starts
         self._cursor = 0  # where background fill looks first: just past the latest demand
-        self._front = 0  # just past the latest demand read: fill runs grow with the distance
+        # where readers are (just past a read, or where their read-ahead starts), oldest
+        # first: background runs grow with the distance from the nearest one behind them
+        self._fronts: list[int] = []
         self._nursery: trio.Nursery | None = None
         self._stopped = False  # set by stop(): no block may be written any more
         self._fatal: RangefsError | None = None  # set when the remote changed
@@ -182,10 +197,8 @@ class ObjectFetcher:
         self._sequential = not reader.info.accept_ranges
         self._seq_flight: _Flight | None = None
         self._range_refusals = 0  # consecutive answers that ignored Range
-        self._prefetch_next = 0  # read-ahead window: next block to consider ...
-        self._prefetch_last = -1  # ... up to this one
+        self._windows: list[_Window] = []  # read-ahead: one per sequential reader
         self._prefetch_workers = 0
-        self._prefetch_front = 0  # where the read-ahead window started (runs grow from it)
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -227,7 +240,8 @@ class ObjectFetcher:
         cancel any flight. Callers bound the wait themselves (trio.fail_after).
         """
         bitmap = self.cache.bitmap
-        self._cursor = self._front = last + 1
+        self._cursor = last + 1
+        self._note_front(last + 1)
         block = first
         while True:
             next_missing = bitmap.first_clear(block, last + 1)
@@ -260,31 +274,53 @@ class ObjectFetcher:
         last = min(last, self.cache.num_blocks - 1)
         if first > last or self._nursery is None or self._sequential:
             return
-        if self._prefetch_last < first:
-            self._prefetch_next = self._prefetch_front = first
-        self._prefetch_last = max(self._prefetch_last, last)
+        self._note_front(first)
+        for window in self._windows:
+            if window.next <= first <= window.last + 1 or first <= window.next <= last + 1:
+                # the same reader's window, moved on: nothing before ``first`` is wanted
+                window.next = max(window.next, first)
+                window.last = max(window.last, last)
+                break
+        else:
+            self._windows.append(_Window(first, last))
+            if len(self._windows) > READERS_TRACKED:
+                del self._windows[0]
         if self._prefetch_workers < PREFETCH_WORKERS:
             self._prefetch_workers += 1
             self._nursery.start_soon(self._prefetch_worker)
 
     async def _prefetch_worker(self) -> None:
-        """Read-ahead: with a fill slot held, fetch idle runs of the prefetch window."""
+        """Read-ahead: with a fill slot held, fetch idle runs of the windows in turn."""
         try:
             while True:
                 async with self._fill_slots:
-                    stop = self._prefetch_last + 1
-                    block = self._first_idle(self._prefetch_next, stop)
-                    if block is None or self._sequential:
+                    claim = None if self._sequential else self._claim_prefetch_run()
+                    if claim is None:
                         return
-                    end = block
-                    run = self._run_at(block, self._prefetch_front)
-                    while end + 1 < stop and end - block + 1 < run and self._idle(end + 1):
-                        end += 1
-                    self._prefetch_next = end + 1
-                    flight = self._register(block, end, demand=False)
+                    flight = self._register(*claim, demand=False)
                     await self._run_flight(flight, slot_held=True)
         finally:
             self._prefetch_workers -= 1
+
+    def _claim_prefetch_run(self) -> tuple[int, int] | None:
+        """The next idle run of the first window that has one (it then goes last, so that
+        readers take turns); windows with nothing left are dropped. No await."""
+        windows = self._windows
+        while windows:
+            window = windows[0]
+            stop = window.last + 1
+            block = self._first_idle(window.next, stop)
+            if block is None:
+                del windows[0]
+                continue
+            end = block
+            run = self._run_at(block)
+            while end + 1 < stop and end - block + 1 < run and self._idle(end + 1):
+                end += 1
+            window.next = end + 1
+            windows.append(windows.pop(0))
+            return block, end
+        return None
 
     # -- background fill -----------------------------------------------------------------
 
@@ -368,22 +404,36 @@ class ObjectFetcher:
             block = self._first_idle(start, stop)
             if block is not None:
                 end = block
-                limit = min(stop, block + self._run_at(block, self._front))
+                limit = min(stop, block + self._run_at(block))
                 while end + 1 < limit and self._idle(end + 1):
                     end += 1
                 self._cursor = end + 1
                 return block, end
         return None
 
-    def _run_at(self, block: int, front: int) -> int:
+    def _note_front(self, front: int) -> None:
+        """A reader is at ``front`` (a block index). A front up to one fill run behind it is
+        taken to be the same reader, moved on; the oldest are forgotten beyond
+        ``READERS_TRACKED``."""
+        fronts = [f for f in self._fronts if not f <= front <= f + self._fill_run]
+        fronts.append(front)
+        if len(fronts) > READERS_TRACKED:
+            del fronts[0]
+        self._fronts = fronts
+
+    def _run_at(self, block: int) -> int:
         """Most blocks one background request starting at ``block`` may ask for: small
-        just past a reader's front, growing with the distance from it up to the fill run.
-        A reader that catches up with the fill then waits for several short requests in
-        parallel, not for the first megabytes of one long stream (16 MiB/s per connection:
-        the 3rd MiB of a 4 MiB request comes 190 ms after it started)."""
-        if block < front:
+        just past a reader's front (the nearest one at or before ``block``), growing with
+        the distance from it up to the fill run. A reader that catches up with the fill
+        then waits for several short requests in parallel, not for the first megabytes of
+        one long stream (16 MiB/s per connection: the 3rd MiB of a 4 MiB request comes
+        190 ms after it started). Each reader of an object counts: with one front for all,
+        the blocks just past one reader were asked for in whole fill runs while another
+        reader had read last."""
+        distance = min((block - f for f in self._fronts if f <= block), default=None)
+        if distance is None:
             return self._fill_run
-        return min(self._fill_run, max(self._demand_run, block - front))
+        return min(self._fill_run, max(self._demand_run, distance))
 
     def _first_idle(self, start: int, stop: int) -> int | None:
         """The first missing block in [start, stop) that no flight carries, or None.

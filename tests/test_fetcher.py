@@ -200,6 +200,25 @@ async def test_fill_requests_grow_with_the_distance_from_the_reader(harness: Har
     check_cached(harness, 0, harness.cache.num_blocks - 1)
 
 
+@pytest.mark.parametrize("harness", [{"demand_request_bytes": 2 * BS,
+                                      "fill_request_bytes": 8 * BS}], indirect=True)
+async def test_each_reader_of_an_object_gets_its_own_read_ahead(harness: Harness) -> None:
+    """Two sequential readers of one object, far apart: the read-ahead of each is fetched
+    (the second used to replace the first's window), in runs that start short just past
+    each reader (not in whole fill runs because the other one had read last)."""
+    await harness.fetcher.fetch(9, 9)  # reader A, now at block 10
+    await harness.fetcher.fetch(59, 59)  # reader B, now at block 60
+    harness.reader.requests.clear()
+    harness.fetcher.prefetch(10, 25)
+    harness.fetcher.prefetch(60, 75)
+    with trio.fail_after(5):
+        await trio.testing.wait_all_tasks_blocked()
+    runs = sorted((r.start // BS, r.size // BS) for r in harness.reader.requests)
+    assert runs == [(10, 2), (12, 2), (14, 4), (18, 8), (60, 2), (62, 2), (64, 4), (68, 8)]
+    check_cached(harness, 10, 25)
+    check_cached(harness, 60, 75)
+
+
 @pytest.mark.parametrize("harness", [{"fill_slots": 1}], indirect=True)
 async def test_demand_does_not_wait_behind_fill(harness: Harness) -> None:
     harness.reader.gate = trio.Event()
