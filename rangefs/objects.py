@@ -65,7 +65,7 @@ FLUSH_RETRY_MIN = 1.0  # seconds before a failed flush (e.g. a full disk) is tri
 FLUSH_RETRY_MAX = 30.0  # ... doubling up to this
 MAX_READAHEAD = 32 << 20  # bytes a sequential reader's read-ahead grows to
 FIRST_READAHEAD = 4 << 20  # read-ahead at the second sequential read, doubling from there
-CACHE_READAHEAD = 64 << 20  # bytes of the cache file a sequential reader has read ahead
+CACHE_READAHEAD = 64 << 20  # bytes of the cache file preloaded ahead of a sequential reader
 
 
 class Prefetch(enum.Enum):
@@ -173,7 +173,7 @@ class ObjectHandle:
         self.keep_cache = keep_cache
         self._next_offset = -1  # where a sequential reader reads next
         self._readahead = 0  # bytes of read-ahead, grows while reads stay sequential
-        self._advised_to = 0  # the cache file is being read ahead up to here (WILLNEED)
+        self._preloaded_to = 0  # the cache file is being preloaded up to here
 
     async def read(self, offset: int, size: int) -> bytes:
         """Return the bytes [offset, offset+size) clamped at EOF (b"" at or past EOF).
@@ -215,7 +215,7 @@ class ObjectHandle:
             self._readahead = min(MAX_READAHEAD, max(2 * self._readahead, FIRST_READAHEAD))
         else:
             self._readahead = 0
-            self._advised_to = 0
+            self._preloaded_to = 0
         self._next_offset = end
         version = self._version
         if not self._readahead:
@@ -223,12 +223,12 @@ class ObjectHandle:
         # the cache file: bring what this reader reads next into the page cache, well
         # ahead (the kernel's own read-ahead of one sequential stream gave 0.5-0.7 GB/s
         # here; cache.preload 1.4-2.1 GB/s)
-        if self._advised_to < end + CACHE_READAHEAD // 2:
-            start = max(end, self._advised_to)
-            self._advised_to = min(version.cache.size, end + CACHE_READAHEAD)
-            if self._advised_to > start:
+        if self._preloaded_to < end + CACHE_READAHEAD // 2:
+            start = max(end, self._preloaded_to)
+            self._preloaded_to = min(version.cache.size, end + CACHE_READAHEAD)
+            if self._preloaded_to > start:
                 self._obj.store.nursery.start_soon(
-                    version.cache.preload, start, self._advised_to - start)
+                    version.cache.preload, start, self._preloaded_to - start)
         if version.filling:
             return
         if self._obj.store.config.prefetch is Prefetch.OPEN:
