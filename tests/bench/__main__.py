@@ -71,7 +71,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="mount points, caches, downloads (on disk)")
     ap.add_argument("--origin-dir", type=Path, default=None,
                     help="where the origin's objects live (default: a temp dir in /dev/shm)")
-    ap.add_argument("--output", type=Path, default=RESULTS / "latest.md")
+    ap.add_argument("--output", type=Path, default=None,
+                    help="where the table goes (default: results/latest.md for the full run "
+                         "with default knobs, results/partial.md for any other)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy record every rangefs mount (results/profiles/); figures "
                          "of a profiled run carry py-spy's overhead")
@@ -91,7 +93,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             ap.error(f"unknown scenario {s!r}; choose from 1-7")
     if args.runs is None:
         args.runs = 1 if args.quick else 3
+    if args.output is None:
+        args.output = RESULTS / ("latest.md" if is_full_run(args) else "partial.md")
     return args
+
+
+def is_full_run(args: argparse.Namespace) -> bool:
+    """The run whose table the README shows: every scenario and peer, defaults, >= 3 runs.
+    Any other run writes elsewhere, so that it never replaces that table."""
+    return (
+        args.scenarios == [str(n) for n in range(1, 8)]
+        and args.peers == list(DEFAULT_PEERS)
+        and args.runs >= 3
+        and not args.quick
+        and (args.delay_ms, args.rate, args.sendfile_chunk) == (30.0, "16m", "128k")
+        and args.big_size is None
+        and args.huge_read_s is None
+        and not args.profile
+        and not os.environ.get("RANGEFS_BENCH_ARGS")
+    )
 
 
 def layout(args: argparse.Namespace) -> Layout:
