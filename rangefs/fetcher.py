@@ -313,10 +313,7 @@ class ObjectFetcher:
             if block is None:
                 del windows[0]
                 continue
-            end = block
-            run = self._run_at(block)
-            while end + 1 < stop and end - block + 1 < run and self._idle(end + 1):
-                end += 1
+            end = self._idle_run(block, stop)
             window.next = end + 1
             windows.append(windows.pop(0))
             return block, end
@@ -403,13 +400,19 @@ class ObjectFetcher:
         for start, stop in ((self._cursor, n), (0, min(self._cursor, n))):
             block = self._first_idle(start, stop)
             if block is not None:
-                end = block
-                limit = min(stop, block + self._run_at(block))
-                while end + 1 < limit and self._idle(end + 1):
-                    end += 1
+                end = self._idle_run(block, stop)
                 self._cursor = end + 1
                 return block, end
         return None
+
+    def _idle_run(self, block: int, stop: int) -> int:
+        """The last block of the background run that starts at idle ``block``: idle blocks
+        before ``stop``, at most ``_run_at(block)`` of them."""
+        limit = min(stop, block + self._run_at(block))
+        end = block
+        while end + 1 < limit and self._idle(end + 1):
+            end += 1
+        return end
 
     def _note_front(self, front: int) -> None:
         """A reader is at ``front`` (a block index). A front up to one fill run behind it is
