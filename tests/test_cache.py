@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -1011,3 +1012,30 @@ async def test_preload_reads_cached_blocks_into_the_page_cache(
     c.close()
     await c.preload(0, size)  # closed: nothing, no error
     assert reads == []
+
+
+async def test_cancelled_preload_returns_at_once_and_its_thread_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unmount cancels preloads: it must not wait for tens of MiB of disk reads."""
+    bs = 1 << 20
+    c = LocalDownloadCache.open(tmp_path / "obj", ident(32 * bs, bs))
+    fill(c, range(32))
+    reads: list[int] = []
+    real_preadv = os.preadv
+
+    def slow_preadv(fd: int, buffers: list[Any], offset: int, *flags: int) -> int:
+        time.sleep(0.1)  # a slow disk: 16 chunks of 2 MiB take 1.6 s
+        reads.append(offset)
+        return real_preadv(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "preadv", slow_preadv)
+    with trio.fail_after(1):
+        with trio.move_on_after(0.15):
+            await c.preload(0, 32 * bs)
+    await trio.sleep(0.5)  # the chunk in progress ends; no other starts
+    assert 1 <= len(reads) <= 3, reads
+    done = len(reads)
+    await trio.sleep(0.3)
+    assert len(reads) == done
+    c.close()
