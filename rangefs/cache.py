@@ -444,6 +444,8 @@ class LocalDownloadCache:
         if self._closed or self._fd < 0 or size <= 0:
             return
         end = min(offset + size, self.size)
+        if end <= offset:
+            return
         first, last = block_span(offset, end - offset, self.block_size)
         missing = self.bitmap.first_clear(first, last + 1)
         if missing is not None:

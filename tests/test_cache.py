@@ -1009,6 +1009,8 @@ async def test_preload_reads_cached_blocks_into_the_page_cache(
     await c.preload(3 * bs + 5, 100)  # a part of one block: that part
     assert reads == [(3 * bs + 5, 100)]
     reads.clear()
+    await c.preload(size, bs)  # at the end: nothing, no error
+    assert reads == []
     c.close()
     await c.preload(0, size)  # closed: nothing, no error
     assert reads == []
