@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import trio
 
+from rangefs.cache import LocalDownloadCache
 from rangefs.digests import Digest
 from rangefs.errors import (
     DigestMismatch,
@@ -357,3 +358,39 @@ async def test_sizes_are_probed_from_mount_time_and_remembered(
             assert attrs is not None and attrs.size == 1000 + i
         await trio.sleep(0.2)
     assert origin.requests() == []
+
+
+async def test_a_first_read_at_offset_zero_preloads_the_cache_file(
+    origin: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cp and cat begin at offset 0: that first read preloads 16 MiB of the cache file
+    past it; a first read elsewhere preloads nothing until reads are sequential."""
+    size = 24 << 20
+    origin.add("/a", size)
+    e = entry(origin, "/a")
+    async with running([e], tmp_path, prefetch=Prefetch.NONE) as get:
+        assert len(await read_all(get(e), chunk=4 << 20)) == size
+    preloads: list[tuple[int, int]] = []
+    real_preload = LocalDownloadCache.preload
+
+    async def recording_preload(cache: LocalDownloadCache, offset: int, size: int) -> None:
+        preloads.append((offset, size))
+        await real_preload(cache, offset, size)
+
+    monkeypatch.setattr(LocalDownloadCache, "preload", recording_preload)
+    async with running([e], tmp_path, prefetch=Prefetch.NONE) as get:
+        obj = get(e)
+        handle = await obj.open()
+        check("/a", 5 << 20, await handle.read(5 << 20, 1 << 20))  # first read elsewhere
+        await trio.sleep(0.05)
+        assert preloads == []
+        check("/a", 6 << 20, await handle.read(6 << 20, 1 << 20))  # sequential: read-ahead
+        await trio.sleep(0.05)
+        assert preloads == [(7 << 20, size - (7 << 20))]
+        handle.release()
+        preloads.clear()
+        handle = await obj.open()
+        check("/a", 0, await handle.read(0, 128 << 10))
+        await trio.sleep(0.05)
+        assert preloads == [(128 << 10, 16 << 20)]
+        handle.release()
