@@ -12,7 +12,8 @@ Files, inside the object's directory (0700, created if missing; files 0600):
 
 Contract. One owner: one process, one trio thread. ``write_at``/``write_block`` pwrite a
 whole block and then set its bit (which fires ``bitmap.block_event`` and the tail notify):
-from then on ``read_at`` serves it. Nothing is fsynced per block. ``flush()`` (called by the
+from then on ``read_at`` serves it; ``write_blocks`` does the same for a run of blocks with
+one ``pwritev``. Nothing is fsynced per block. ``flush()`` (called by the
 owner when ``needs_flush()``, and at the end) takes a snapshot of the bitmap, fdatasyncs the
 data file, then atomically writes the index with that snapshot — so the index only ever
 claims blocks whose bytes were durable before the claim was written (DESIGN §2.2), and a
@@ -46,6 +47,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, Self
 
@@ -88,6 +90,26 @@ def _now() -> float:
         return time.monotonic()
 
 
+def _byte_view(data: Buffer) -> memoryview:
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write every byte of ``views`` at ``offset``, retrying short writes."""
+    views = [view for view in views if view]
+    while views:
+        written = os.pwritev(fd, views, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            del views[0]
+        if written:
+            views[0] = views[0][written:]
+
+
 def _os_error(what: str, exc: OSError) -> errors.RangefsError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return errors.NotEnoughSpace(f"{what}: no space left: {exc}")
@@ -119,6 +141,7 @@ class DownloadCache(Protocol):
     def next_cached(self, start: int) -> tuple[int, ByteRange] | None: ...
     def write_at(self, data: Buffer, offset: int) -> None: ...
     def write_block(self, index: int, data: Buffer) -> None: ...
+    def write_blocks(self, first: int, parts: Sequence[Buffer]) -> int: ...
     def read_at(self, offset: int, size: int) -> bytes: ...
     def needs_flush(self) -> bool: ...
     async def flush(self) -> None: ...
@@ -380,6 +403,54 @@ class LocalDownloadCache:
         if self._dirty == 0:
             self._dirty_since = _now()
         self._dirty += 1
+
+    def write_blocks(self, first: int, parts: Sequence[Buffer]) -> int:
+        """Store consecutive whole blocks from block ``first`` on: their bytes are the
+        concatenation of ``parts``. Returns how many blocks were written. Sync, no fsync.
+
+        One ``pwritev`` for the run (a fetcher's chunk completes several blocks at once).
+        The run must end at a block boundary or at the end of the object, else
+        ``InvalidBlockSize``; ``first`` out of range is ``InvalidOffset``. Blocks already
+        cached are left untouched (the run is then written block by block). All bytes are
+        written before any bit is set. ``parts`` may be reused after the call.
+        """
+        self._check_usable()
+        bs, n = self.block_size, self.num_blocks
+        if not 0 <= first < n:
+            raise errors.InvalidOffset(
+                f"block {first} out of range [0, {n}) for {self._directory}"
+            )
+        views = [_byte_view(part) for part in parts]
+        length = sum(len(view) for view in views)
+        offset = first * bs
+        end = offset + length
+        if length == 0 or end > self.size or (end % bs and end != self.size):
+            raise errors.InvalidBlockSize(
+                f"{length} bytes at offset {offset} are not whole blocks of {self._directory} "
+                f"(size {self.size}, block size {bs})"
+            )
+        count = -(-length // bs)
+        bitmap = self._bitmap
+        if bitmap.first_set(first, first + count) is not None:
+            data = b"".join(views)
+            written = 0
+            for i in range(count):
+                if not bitmap.is_block_set(first + i):
+                    self.write_at(memoryview(data)[i * bs : (i + 1) * bs], offset + i * bs)
+                    written += 1
+            return written
+        try:
+            _pwritev_all(self._fd, views, offset)
+        except OSError as exc:
+            raise _os_error(
+                f"writing blocks {first}..{first + count - 1} of {self._directory}", exc
+            ) from exc
+        for index in range(first, first + count):
+            bitmap.set_block(index)
+        if self._dirty == 0:
+            self._dirty_since = _now()
+        self._dirty += count
+        return count
 
     def read_at(self, offset: int, size: int) -> bytes:
         """Return exactly ``size`` bytes at ``offset``, all from cached blocks. Sync.

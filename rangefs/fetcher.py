@@ -22,8 +22,9 @@ Concurrency protocol (everything runs on the one trio thread):
   reader positions of the object count): a reader that catches up with the fill waits for
   a few short requests in parallel, not for the middle of one long stream. Read-ahead
   keeps one window per sequential reader and serves the windows in turn.
-- Bodies are streamed: each whole block is written to the cache as soon as its last byte
-  arrives, which sets its bit; a waiter sleeps until the flight is past the last block it
+- Bodies are streamed: the whole blocks a chunk completes are written to the cache as soon
+  as it arrives (one ``pwritev``, only a block's partial start is copied), which sets
+  their bits; a waiter sleeps until the flight is past the last block it
   needs from that flight (one wake-up per read, not one per block).
 - A transient failure is retried with backoff from the first block not yet written; the
   server's Retry-After holds every request of the object until it has passed. A flight
@@ -584,36 +585,42 @@ class ObjectFetcher:
         else:
             rng = self._range(flight)
         self.stats.requests += 1
-        block = flight.next_block
-        want = range_for_index(block, size, bs).size
-        buf = bytearray(bs)
-        filled = 0
+        block = flight.next_block  # the first block not yet written
+        end = min((flight.last + 1) * bs, size)  # the flight's bytes end here (exclusive)
+        stage = bytearray(bs)  # the received start of ``block``, short of a whole block
+        staged = 0
+        pace = self._limiter.bytes_per_second is not None
         async with self.reader.open_range(rng) as body:
             self._range_refusals = 0  # the answer passed its checks
             async for chunk in body:
-                await self._limiter.wait_bytes(len(chunk))
+                if pace:
+                    await self._limiter.wait_bytes(len(chunk))
                 self.stats.bytes_received += len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    take = min(want - filled, len(view))
-                    buf[filled : filled + take] = view[:take]
-                    filled += take
-                    view = view[take:]
-                    if filled == want:
-                        if self._stopped:
-                            raise InternalError(f"{self.reader.name}: fetcher stopped")
-                        if not cache.is_cached(block):
-                            data = buf if want == bs else memoryview(buf)[:want]
-                            cache.write_block(block, data)
-                            self.stats.blocks_written += 1
-                        if self._inflight.get(block) is flight:
-                            del self._inflight[block]
-                        block += 1
-                        flight.advance(block)
-                        if block > flight.last:
-                            return
-                        want = range_for_index(block, size, bs).size
-                        filled = 0
+                view = memoryview(chunk)[: end - block * bs - staged]  # nothing past the run
+                have = staged + len(view)
+                if block * bs + have == end:
+                    whole, take = flight.last + 1 - block, len(view)
+                else:
+                    whole = have // bs
+                    take = whole * bs - staged
+                if whole == 0:
+                    stage[staged:have] = view
+                    staged = have
+                    continue
+                if self._stopped:
+                    raise InternalError(f"{self.reader.name}: fetcher stopped")
+                parts = [memoryview(stage)[:staged], view[:take]] if staged else [view[:take]]
+                self.stats.blocks_written += cache.write_blocks(block, parts)
+                inflight = self._inflight
+                for done in range(block, block + whole):
+                    if inflight.get(done) is flight:
+                        del inflight[done]
+                block += whole
+                flight.advance(block)
+                if block > flight.last:
+                    return
+                staged = len(view) - take
+                stage[:staged] = view[take:]
         if flight.next_block <= flight.last:
             raise TransientError(f"{self.reader.name} {rng}: body ended early")
 

@@ -280,6 +280,83 @@ def test_write_exact_block_size_file(obj_dir: Path) -> None:
         assert c.complete() and c.cached_bytes_and_blocks() == (128, 2)
 
 
+def test_write_blocks_stores_a_run_from_parts(obj_dir: Path) -> None:
+    """Size 130, bs 64: a run of blocks 0..2 (the last one 2 bytes) from odd pieces."""
+    with LocalDownloadCache.open(obj_dir, ident(130, 64)) as c:
+        ev = c.bitmap.block_event(2)
+        data = content(0, 130)
+        assert c.write_blocks(0, [data[:7], memoryview(data)[7:100], bytearray(data[100:])]) == 3
+        assert c.complete() and ev.is_set()
+        assert c.read_at(0, 130) == data
+
+
+def test_write_blocks_leaves_cached_blocks_alone(obj_dir: Path) -> None:
+    with LocalDownloadCache.open(obj_dir, ident(256, 64)) as c:
+        fill(c, [1], salt=1)
+        assert c.write_blocks(0, [content(0, 64), content(64, 128)]) == 2
+        assert c.read_at(64, 64) == block_bytes(c, 1, 1)  # the cached block kept its bytes
+        assert c.read_at(0, 64) == content(0, 64) and c.read_at(128, 64) == content(128, 64)
+        assert c.cached_bytes_and_blocks() == (192, 3)
+
+
+@pytest.mark.parametrize(
+    ("first", "length", "expected"),
+    [
+        (-1, 64, errors.InvalidOffset),
+        (3, 2, errors.InvalidOffset),
+        (0, 0, errors.InvalidBlockSize),
+        (0, 63, errors.InvalidBlockSize),
+        (0, 100, errors.InvalidBlockSize),
+        (1, 67, errors.InvalidBlockSize),
+        (1, 65, errors.InvalidBlockSize),
+        (1, 66, None),
+        (0, 128, None),
+    ],
+)
+def test_write_blocks_validation(
+    obj_dir: Path, first: int, length: int, expected: type[Exception] | None
+) -> None:
+    """Size 130, bs 64: blocks of 64, 64 and 2 bytes."""
+    with LocalDownloadCache.open(obj_dir, ident(130, 64)) as c:
+        data = content(first * 64, length) if first >= 0 else bytes(length)
+        if expected is None:
+            assert c.write_blocks(first, [data]) == -(-length // 64)
+            assert c.read_at(first * 64, length) == data
+        else:
+            with pytest.raises(expected):
+                c.write_blocks(first, [data])
+            assert c.cached_bytes_and_blocks() == (0, 0)
+
+
+def test_write_blocks_completes_short_writes_and_reports_errors(
+    obj_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwritev
+    calls = []
+
+    def dribble(fd: int, buffers: Any, pos: int) -> int:
+        calls.append(pos)
+        return real(fd, [bytes(buffers[0][:5])], pos)
+
+    with LocalDownloadCache.open(obj_dir, ident(256, 64)) as c:
+        monkeypatch.setattr(os, "pwritev", dribble)
+        data = content(64, 128)
+        assert c.write_blocks(1, [data[:3], data[3:]]) == 2
+        assert c.read_at(64, 128) == data
+        assert len(calls) == 1 + 25  # 3 bytes, then 125 in pieces of 5
+
+        def full(fd: int, buffers: Any, pos: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pwritev", full)
+        with pytest.raises(errors.NotEnoughSpace):
+            c.write_blocks(3, [content(192, 64)])
+        monkeypatch.setattr(os, "pwritev", lambda fd, buffers, pos: 0)
+        with pytest.raises(errors.InternalError):
+            c.write_blocks(3, [content(192, 64)])
+        assert not c.is_cached(3) and not c.is_cached(0)
+
+
 # --------------------------------------------------------------------------------------
 # E. Read validation
 

@@ -105,6 +105,27 @@ async def test_last_partial_block(harness: Harness) -> None:
     assert harness.reader.requests[-1].end == harness.cache.size - 1
 
 
+@pytest.mark.parametrize("chunk", [1, 1000, BS, BS + 1, 3 * BS + 7, 64 << 10])
+async def test_chunks_of_any_size_write_whole_blocks_once(tmp_path: Path, chunk: int) -> None:
+    """However the body is cut, each block is written once, whole, with its own bytes, up
+    to the object's short last block."""
+    size = 20 * BS + 123
+    cache = make_cache(tmp_path, size)
+    reader = FakeReader("obj", size, chunk=chunk)
+    fetcher = ObjectFetcher(cache, reader, limiter=Limiter(), backoff=BackoffPolicy(),
+                            demand_slots=trio.CapacityLimiter(2),
+                            fill_slots=trio.CapacityLimiter(2), demand_request_bytes=size)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.run)
+        await fetcher.fetch(2, 6)
+        await fetcher.fetch(0, cache.num_blocks - 1)
+        nursery.cancel_scope.cancel()
+    assert cache.complete() and fetcher.stats.blocks_written == cache.num_blocks
+    assert fetcher.stats.bytes_received == size
+    check("obj", 0, cache.read_at(0, size))
+    cache.close()
+
+
 async def test_single_flight_for_many_readers(harness: Harness) -> None:
     harness.reader.gate = trio.Event()
     async with trio.open_nursery() as nursery:
