@@ -343,8 +343,8 @@ def rangefs() -> None:
 @click.option("--concurrency", type=click.IntRange(1, 1024), default=DEFAULT_MOUNT_CONCURRENCY,
               show_default=True, metavar="N",
               help="Concurrent HTTP range requests for background fill and read-ahead, over "
-                   "all objects (readers' own requests have as many slots again; probes of "
-                   "the list's sizes 4 x N).")
+                   "all objects (readers' own requests have 2 x N slots; probes of the "
+                   "list's sizes 4 x N).")
 @click.option("--max-rate", type=SizeType(minimum=1), default=None, metavar="SIZE",
               help="Download rate limit over all objects, in bytes per second (e.g. 50M = "
                    "50 MiB/s).  [default: unlimited]")
@@ -426,8 +426,8 @@ def mount_command(
                 # a stalled body is dropped and retried well within a reader's deadline
                 http=HttpOptions(headers=http_headers,
                                  read_timeout=min(30.0, max(1.0, read_timeout / 2)),
-                                 # demand + fill slots, and the probes'
-                                 max_connections=(2 + PROBES_PER_SLOT) * concurrency),
+                                 # demand (2 x N) + fill slots, and the probes'
+                                 max_connections=(3 + PROBES_PER_SLOT) * concurrency),
                 cache_size=cache_size,
                 probe_concurrency=PROBES_PER_SLOT * concurrency,
             ),

@@ -4,7 +4,7 @@
 build the tree, start the object store (``nursery.start``: a cache directory that cannot
 be used fails here, before anything is mounted), ``pyfuse3.init`` (the mount(2) itself),
 run ``pyfuse3.main``, wait until a stat of the mount point is answered, raise the kernel's
-read-ahead, then ``on_ready()``.
+read-ahead and the number of reads FUSE passes on at once, then ``on_ready()``.
 
 Shutdown, whatever the cause (SIGTERM, SIGINT, SIGHUP, the mount removed from outside with
 ``fusermount3 -u``/``umount``, or an error): stop the FUSE main loop, cancel the object
@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 
 BASE_FUSE_OPTIONS = frozenset({"fsname=rangefs", "subtype=rangefs", "ro", "default_permissions"})
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# pyfuse3 reads one request per task and starts a task for the next request only after a
+# read (one per scheduler pass): idle readers kept waiting let a burst of requests from
+# many readers in faster (16 readers, 16-reader p99 126 -> 88 ms with max_background 64
+# and twice the demand slots). Idle tasks cost a few KiB each.
+IDLE_REQUEST_READERS = 32
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class MountConfig:
     debug_fuse: bool = False  # libfuse's own request trace on stderr
     foreground: bool = True
     read_ahead_kb: int = 1024  # kernel read-ahead for the mount; 0 = leave the default
+    max_background: int = 64  # FUSE reads the kernel passes on at once; 0 = leave (12)
     ready_timeout: float = 30.0  # the mount must answer a stat within this
 
 
@@ -127,7 +133,7 @@ async def _watch_signals(signals: AsyncIterator[int], shutdown: _Shutdown) -> No
 
 async def _fuse_main(shutdown: _Shutdown, scope: trio.CancelScope) -> None:
     """pyfuse3's main loop; returning means the mount was removed from outside."""
-    await pyfuse3.main()
+    await pyfuse3.main(min_tasks=IDLE_REQUEST_READERS)
     if shutdown.signal is None:
         log.info("the mount was removed from outside (fusermount3 -u / umount): stopping")
     scope.cancel()
@@ -168,6 +174,26 @@ def _raise_read_ahead(dev: int, kb: int) -> None:
             log.debug("read-ahead of the mount raised from %d to %d KiB", current, kb)
     except (OSError, ValueError) as exc:
         log.debug("read-ahead of the mount left as it is (%s): %s", path, exc)
+
+
+def _raise_max_background(dev: int, count: int) -> None:
+    """Let the kernel pass up to ``count`` page-cache reads to the daemon at once (root
+    only; else a no-op). Its default, 12, queues the reads of a 13th concurrent reader
+    in the kernel behind the others' fetches. ``congestion_threshold`` is left as it is
+    (9): above it the kernel still skips its speculative read-ahead requests, so the
+    extra slots go to reads that someone waits for."""
+    if count <= 0:
+        return
+    # the fusectl directory is named after the kernel's dev_t of the mount (MKDEV)
+    path = Path(f"/sys/fs/fuse/connections/{(os.major(dev) << 20) | os.minor(dev)}")
+    path /= "max_background"
+    try:
+        current = int(path.read_text().strip())
+        if current < count:
+            path.write_text(f"{count}\n")
+            log.debug("max_background of the mount raised from %d to %d", current, count)
+    except (OSError, ValueError) as exc:
+        log.debug("max_background of the mount left as it is (%s): %s", path, exc)
 
 
 async def run_mount(
@@ -233,6 +259,7 @@ async def _run_mount(
                     fuse.start_soon(_fuse_main, shutdown, fuse.cancel_scope)
                     dev = await _wait_live(config.mountpoint, config.ready_timeout)
                     _raise_read_ahead(dev, config.read_ahead_kb)
+                    _raise_max_background(dev, config.max_background)
                     log.info(
                         "mounted %d entries of %s at %s", len(entries), config.urllist, mountpoint
                     )

@@ -67,6 +67,10 @@ MAX_READAHEAD = 32 << 20  # bytes a sequential reader's read-ahead grows to
 FIRST_READAHEAD = 4 << 20  # read-ahead at the second sequential read, doubling from there
 CACHE_READAHEAD = 64 << 20  # bytes of the cache file preloaded ahead of a sequential reader
 FIRST_PRELOAD = 16 << 20  # preloaded after the first read of a handle when it is at offset 0
+# readers' own requests get this many slots per background slot (--concurrency): when many
+# readers miss at once (16 readers starting together split their reads into 64 requests),
+# their requests do not queue behind each other
+DEMAND_SLOTS_PER_FILL_SLOT = 2
 
 
 class Prefetch(enum.Enum):
@@ -560,7 +564,9 @@ class ObjectStore:
         self.config = config
         self.started = time.time()
         self.limiter = Limiter(bytes_per_second=config.max_rate)
-        self.demand_slots = trio.CapacityLimiter(max(4, config.concurrency))
+        self.demand_slots = trio.CapacityLimiter(
+            max(4, DEMAND_SLOTS_PER_FILL_SLOT * config.concurrency)
+        )
         self.fill_slots = trio.CapacityLimiter(max(1, config.concurrency))
         self.probe_slots = trio.CapacityLimiter(max(1, config.probe_concurrency))
         self._objects: dict[str, MountedObject] = {}

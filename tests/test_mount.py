@@ -314,6 +314,24 @@ def test_statfs(tmp_path: Path, mnt: Path, cache: Path) -> None:
         assert "rangefs" in out.stdout
 
 
+def test_kernel_read_ahead_and_max_background_are_raised(
+    tmp_path: Path, mnt: Path, cache: Path
+) -> None:
+    """As root the mount gets 1 MiB read-ahead and 64 background reads, and keeps the
+    kernel's congestion threshold (9); without root the kernel's defaults stay."""
+    with mounted(_tree_list(tmp_path), mnt, cache_dir=cache):
+        dev = os.stat(mnt).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        conn = Path(f"/sys/fs/fuse/connections/{(os.major(dev) << 20) | os.minor(dev)}")
+        read_ahead = int(bdi.read_text())
+        background = int((conn / "max_background").read_text())
+        congestion = int((conn / "congestion_threshold").read_text())
+        if os.geteuid() == 0:
+            assert (read_ahead, background, congestion) == (1024, 64, 9)
+        else:
+            assert (background, congestion) == (12, 9)
+
+
 # -- shutdown ------------------------------------------------------------------------------
 
 
