@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -164,11 +165,17 @@ def one_run(ctx: Ctx, peers: list[str], scenarios: list[str]) -> dict[str, dict[
     return figures
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if os.geteuid() != 0:
         log("needs root: apt-get, drop_caches and FUSE mounts")
         return 2
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C: mounts unmounted, nginx stopped
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     LOCK.parent.mkdir(parents=True, exist_ok=True)
     lock = open(LOCK, "w")  # noqa: SIM115  (held for the whole run)
     try:

@@ -23,7 +23,7 @@ from typing import Any
 
 from .origin import Layout, Origin
 from .peers import Mounted, MountFailed, Peer, mounted
-from .system import drop_page_cache, log, run, run_rusage
+from .system import drop_page_cache, kill_group, log, run, run_rusage
 
 MiB = 1 << 20
 Figures = dict[str, Any]
@@ -338,13 +338,18 @@ def concurrent(ctx: Ctx, peer: Peer) -> Figures:
         running = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     start_new_session=True) for a in procs]
         ok = True
-        for p in running:
-            try:
-                ok &= p.wait(max(1.0, timeout - (time.perf_counter() - start))) == 0
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-                ok = False
+        try:
+            for p in running:
+                try:
+                    ok &= p.wait(max(1.0, timeout - (time.perf_counter() - start))) == 0
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                    ok = False
+        except BaseException:  # interrupted: no download keeps running
+            for p in running:
+                kill_group(p)
+            raise
         seconds = time.perf_counter() - start
         traffic = ctx.origin.sent_since(mark)
         shutil.rmtree(dl, ignore_errors=True)

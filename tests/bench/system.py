@@ -119,7 +119,7 @@ def run(
 ) -> tuple[int | None, float, str]:
     """Run ``argv`` in its own process group: (exit code or None on timeout, seconds, stdout).
 
-    On timeout the whole group is SIGKILLed."""
+    On timeout, or when interrupted, the whole group is SIGKILLed."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         list(argv), stdout=stdout if stdout is not None else subprocess.PIPE,
@@ -131,6 +131,9 @@ def run(
     except subprocess.TimeoutExpired:
         kill_group(proc)
         return None, time.perf_counter() - start, ""
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): the child goes too
+        kill_group(proc)
+        raise
     elapsed = time.perf_counter() - start
     if proc.returncode != 0 and err:
         log(f"{argv[0]} exited {proc.returncode}: {err.strip()[-400:]}")
@@ -254,20 +257,25 @@ def run_rusage(
     deadline = start + timeout
     peak: int | None = None
     code: int | None = None
-    while True:
-        hwm = peak_rss_kib(proc.pid)  # None once it is a zombie
-        if hwm is not None:
-            peak = max(peak or 0, hwm)
-        pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            code = os.waitstatus_to_exitcode(status)
-            break
-        if time.perf_counter() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.005)
+    try:
+        while True:
+            hwm = peak_rss_kib(proc.pid)  # None once it is a zombie
+            if hwm is not None:
+                peak = max(peak or 0, hwm)
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                code = os.waitstatus_to_exitcode(status)
+                break
+            if time.perf_counter() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.005)
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): the child goes too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
     elapsed = time.perf_counter() - start
     proc.returncode = -1 if code is None else code  # already reaped
     return code, elapsed, (peak / 1024 if peak is not None else None)
