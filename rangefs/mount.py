@@ -46,8 +46,8 @@ BASE_FUSE_OPTIONS = frozenset({"fsname=rangefs", "subtype=rangefs", "ro", "defau
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # pyfuse3 reads one request per task and starts a task for the next request only after a
 # read (one per scheduler pass): idle readers kept waiting let a burst of requests from
-# many readers in faster (16 readers, 16-reader p99 126 -> 88 ms with max_background 64
-# and twice the demand slots). Idle tasks cost a few KiB each.
+# many readers in faster (with max_background 64 and twice the demand slots, the p99 of 16
+# readers went from 126 to 88-98 ms in one harness). Idle tasks cost a few KiB each.
 IDLE_REQUEST_READERS = 32
 
 
