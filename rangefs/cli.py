@@ -351,7 +351,8 @@ def rangefs() -> None:
 @click.option("--prefetch", type=click.Choice([p.value for p in Prefetch]), default="open",
               show_default=True,
               help="Background fill: 'open' fills an opened file completely once it is read "
-                   "sequentially (random readers fetch only what they read), 'none' only "
+                   "sequentially, one file at a time (random readers fetch only what they "
+                   "read; a file waiting for its turn gets read-ahead), 'none' only "
                    "fetches what readers ask for (plus read-ahead), 'all' fills every object "
                    "of the list from mount time.")
 @click.option("--read-timeout", type=SecondsType(),

@@ -135,6 +135,34 @@ async def test_open_policy_fills_once_reads_are_sequential(origin: FaultServer,
     assert sum(r.bytes_sent for r in origin.gets("/a")) <= size + 4096
 
 
+async def test_objects_read_sequentially_are_filled_one_at_a_time(origin: FaultServer,
+                                                                   tmp_path: Path) -> None:
+    """A second object read sequentially while another fills waits for its turn (its
+    reader keeps read-ahead), then is filled without being read again."""
+    origin.add("/a", 256 * BS)  # 16 MiB: 4 fill requests of 4 MiB, one at a time
+    origin.add("/b", 128 * BS)  # 8 MiB: twice what its reader's read-ahead asks for
+    a, b = entry(origin, "/a"), entry(origin, "/b")
+    async with running([a, b], tmp_path, prefetch=Prefetch.OPEN, concurrency=1) as get:
+        origin.delay = 0.3  # every answer comes 0.3 s after its request: a fills >= 1.2 s
+        obj_a, obj_b = get(a), get(b)
+        ha, hb = await obj_a.open(), await obj_b.open()
+        check("/a", 0, await ha.read(0, 10))
+        check("/a", 10, await ha.read(10, 10))  # sequential: a's fill starts
+        check("/b", 0, await hb.read(0, 10))
+        check("/b", 10, await hb.read(10, 10))  # sequential too: b waits for its turn
+        version_a, version_b = obj_a._version, obj_b._version
+        assert version_a is not None and version_b is not None
+        assert version_a.filling and not version_a.cache.complete()
+        assert version_b.fill_queued and not version_b.filling
+        assert obj_a.store.fills_running == 1
+        ha.release()
+        hb.release()
+        await wait_until(lambda: obj_a.xattrs()["user.rangefs.complete"] == b"1"
+                         and obj_b.xattrs()["user.rangefs.complete"] == b"1")
+        assert obj_a.store.fills_running == 0 and not obj_a.store.fills_waiting
+        check("/b", 0, await read_all(obj_b))
+
+
 async def test_fill_starts_while_the_second_sequential_read_waits(origin: FaultServer,
                                                                   tmp_path: Path) -> None:
     """The fill's requests go out with the read that starts it, not after its answer."""
