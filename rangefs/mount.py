@@ -164,16 +164,8 @@ async def _wait_live(path: Path, limit: float) -> int:
 
 def _raise_read_ahead(dev: int, kb: int) -> None:
     """Let page-cache reads reach FUSE as ``kb`` KiB requests (root only; else a no-op)."""
-    if kb <= 0:
-        return
     path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
-    try:
-        current = int(path.read_text().strip())
-        if current < kb:
-            path.write_text(f"{kb}\n")
-            log.debug("read-ahead of the mount raised from %d to %d KiB", current, kb)
-    except (OSError, ValueError) as exc:
-        log.debug("read-ahead of the mount left as it is (%s): %s", path, exc)
+    _raise_kernel_setting(path, kb, "read-ahead (KiB)")
 
 
 def _raise_max_background(dev: int, count: int) -> None:
@@ -182,18 +174,23 @@ def _raise_max_background(dev: int, count: int) -> None:
     in the kernel behind the others' fetches. ``congestion_threshold`` is left as it is
     (9): above it the kernel still skips its speculative read-ahead requests, so the
     extra slots go to reads that someone waits for."""
-    if count <= 0:
-        return
     # the fusectl directory is named after the kernel's dev_t of the mount (MKDEV)
     path = Path(f"/sys/fs/fuse/connections/{(os.major(dev) << 20) | os.minor(dev)}")
-    path /= "max_background"
+    _raise_kernel_setting(path / "max_background", count, "max_background")
+
+
+def _raise_kernel_setting(path: Path, value: int, what: str) -> None:
+    """Write ``value`` to the sysfs file ``path`` if it holds less; 0 or less: leave it.
+    Best effort: without the right (not root) or the file, a debug line says so."""
+    if value <= 0:
+        return
     try:
         current = int(path.read_text().strip())
-        if current < count:
-            path.write_text(f"{count}\n")
-            log.debug("max_background of the mount raised from %d to %d", current, count)
+        if current < value:
+            path.write_text(f"{value}\n")
+            log.debug("%s of the mount raised from %d to %d", what, current, value)
     except (OSError, ValueError) as exc:
-        log.debug("max_background of the mount left as it is (%s): %s", path, exc)
+        log.debug("%s of the mount left as it is (%s): %s", what, path, exc)
 
 
 async def run_mount(
