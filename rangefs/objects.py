@@ -519,6 +519,7 @@ class MountedObject:
             await self._verify(version)
         elif not version.filling:
             version.filling = True
+            self.store.fills_running += 1  # one fill at a time, this one included
             await self._fill(version)
 
     def start_fill(self, version: _Version) -> None:
@@ -544,6 +545,8 @@ class MountedObject:
             self.store.nursery.start_soon(self._verify, version)
 
     async def _fill(self, version: _Version) -> None:
+        """Fill ``version``; the caller counted it in ``store.fills_running``, which this
+        gives back (and so lets the next waiting fill start), whatever happens."""
         try:
             with version.new_scope():
                 await version.fetcher.fill(self.store.config.concurrency)

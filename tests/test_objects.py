@@ -352,6 +352,8 @@ async def test_prefetch_all_fills_every_object_without_a_reader(
     async with running(entries, tmp_path, prefetch=Prefetch.ALL) as get:
         await wait_until(lambda: all(get(e).xattrs().get("user.rangefs.complete") == b"1"
                                      for e in entries))
+        store = get(entries[0]).store
+        await wait_until(lambda: store.fills_running == 0, limit=5)  # each fill counted once
     origin.stop()
     async with running(entries, tmp_path, prefetch=Prefetch.NONE) as get:
         for i, e in enumerate(entries):
