@@ -373,9 +373,7 @@ class LocalDownloadCache:
                 f"offset {offset} is not the start of a block of {self._directory} "
                 f"(size {self.size}, block size {bs})"
             )
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
+        view = _byte_view(data)
         length = len(view)
         if length > bs:
             raise errors.InvalidBlockSize(f"{length} bytes exceed the block size {bs}")
