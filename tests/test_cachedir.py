@@ -4,6 +4,7 @@ metadata table (round trip, damage, private mode)."""
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from rangefs.cachedir import (
     META_NAME,
     CacheDir,
     ObjectMeta,
+    UsageTable,
     _general_cache_key,
     cache_key,
     read_meta_table,
@@ -86,3 +88,38 @@ def test_a_damaged_table_is_ignored(tmp_path: Path, content: bytes,
     (tmp_path / META_NAME).write_bytes(content)
     assert read_meta_table(tmp_path) == {}
     assert "unreadable" in caplog.text
+
+
+def test_usage_table_keeps_least_recently_used_first_and_the_total() -> None:
+    table = UsageTable([(30.0, 300, "c"), (10.0, 100, "a"), (20.0, 200, "b")])
+    assert table.oldest_first() == ["a", "b", "c"] and table.total == 600
+    table.touch("a")
+    assert table.oldest_first() == ["b", "c", "a"]
+    table.set("b", 250)  # a new size is also a use
+    assert table.oldest_first() == ["c", "a", "b"] and table.total == 650
+    table.set("d", 50)
+    assert table.pop("c") == 300 and table.pop("c") == 0
+    table.touch("missing")
+    assert table.oldest_first() == ["a", "b", "d"] and table.total == 400
+    assert table.bytes_of("b") == 250 and table.bytes_of("c") == 0 and "c" not in table
+
+
+def test_usage_scan_counts_blocks_on_disk_oldest_first(tmp_path: Path) -> None:
+    cachedir = CacheDir.open(tmp_path / "root")
+    try:
+        for key, nbytes, used in (("new", 3 << 20, 2_000_000_000), ("old", 1 << 20, 1_000_000)):
+            directory = cachedir.object_dir(key)
+            directory.mkdir()
+            with open(directory / "data", "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            (directory / "index").write_bytes(b"x")
+            os.utime(directory, (used, used))
+        scanned = cachedir.usage()
+        assert [key for _, _, key in scanned] == ["old", "new"]
+        for _, nbytes, key in scanned:
+            assert nbytes == cachedir.object_bytes(key)
+            assert nbytes >= (1 << 20 if key == "old" else 3 << 20)
+            assert nbytes < (1 << 20 if key == "old" else 3 << 20) + (64 << 10)
+        assert cachedir.object_bytes("absent") == 0
+    finally:
+        cachedir.close()
