@@ -229,13 +229,11 @@ class UsageTable:
     Owned by the store (trio thread); built from :meth:`CacheDir.usage`."""
 
     def __init__(self, scanned: list[tuple[float, int, str]]) -> None:
+        """``scanned``: (last use, bytes, key), oldest first, as ``CacheDir.usage`` gives."""
         self._bytes: collections.OrderedDict[str, int] = collections.OrderedDict(
-            (key, nbytes) for _, nbytes, key in sorted(scanned)
+            (key, nbytes) for _, nbytes, key in scanned
         )
         self.total = sum(self._bytes.values())
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._bytes
 
     def bytes_of(self, key: str) -> int:
         """Bytes accounted to ``key`` (0 if none)."""
