@@ -14,8 +14,16 @@ Rules this module keeps (DESIGN.md §2, seed W1-W3, W5, W7, W16, W17):
   (``HttpOptions.headers``) and credentials from the URL's userinfo are sent only to the
   origin (scheme, host, port) of the original URL.
 - A range answer is checked completely before its first byte is handed out: status,
-  ``Content-Range`` (start, end, total), ``Content-Length``, validator, encoding. Bodies are
-  bounded by the requested length; responses are always closed.
+  ``Content-Range`` (start, end, total), ``Content-Length``, validator, content and
+  transfer codings (``chunked`` is the only transfer coding accepted). Bodies are bounded
+  by the requested length; responses are always closed.
+- A body whose length disagrees with its range never yields a byte: with a
+  ``Content-Length`` (checked against the range) the connection frames it, and bytes past
+  it are an error; without one (``chunked``, or delimited by the close) the body is held
+  until its end and handed out only when its length is exactly the range's — an answer
+  that is longer or shorter is a transient fault. The one exception is a whole-object
+  ``200`` without a length (a server without Range support) larger than
+  :data:`_HOLD_LIMIT`: it is streamed, and cut with an error at the first byte too many.
 - httpx exceptions and HTTP statuses become :mod:`rangefs.errors` classes here, with
   ``raise ... from exc``: 408/429/5xx/transport/timeouts are ``TransientError`` (with the
   server's ``Retry-After``, capped), other 4xx ``PermanentError``.
@@ -58,8 +66,6 @@ from rangefs.redact import redact_url
 log = logging.getLogger(__name__)
 
 USER_AGENT: Final = "rangefs/0.1"
-#: Bytes per chunk handed out by :meth:`HttpReader.open_range` (the last may be shorter).
-
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _HEAD_REFUSED: Final = frozenset({403, 405, 501})  # HEAD not allowed: probe with GET instead
 _EXPIRED: Final = frozenset({403, 404, 410})  # a pinned (presigned) target that went away
@@ -68,6 +74,9 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 # at most this long, so the connection can go back to the pool; otherwise it is closed.
 _DRAIN_BYTES: Final = 64 * 1024
 _DRAIN_SECONDS: Final = 1.0
+# A body without Content-Length is held in memory up to this size before any byte of it is
+# handed out (the ranges rangefs asks for are at most a few MiB; see the module docstring).
+_HOLD_LIMIT: Final = 64 * 1024 * 1024
 
 _CONTENT_RANGE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19})", re.ASCII | re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d{1,19})", re.ASCII | re.IGNORECASE)
@@ -463,7 +472,9 @@ class HttpReader(Reader):
             except SourceError:
                 await _discard(response)
                 raise
-            body = _Body(self._session, response, rng.size, label, at, url, self._original)
+            declared = "content-length" in response.headers
+            hold = not declared and rng.size <= _HOLD_LIMIT
+            body = _Body(self._session, response, rng.size, label, at, url, self._original, hold)
             try:
                 yield body
             except BaseException:
@@ -510,6 +521,12 @@ class HttpReader(Reader):
         if changed is not None:
             raise RemoteChanged(f"{label}: the remote object changed ({changed}){at}")
         self._session._require_identity(headers, label, at)
+        codings = _transfer_codings(headers)
+        if codings not in ([], ["chunked"]):
+            raise TransientError(
+                f"{label}: the server misbehaves: it sent the body with the transfer coding "
+                f"{', '.join(codings)!r} (only chunked is accepted){at}"
+            )
         try:
             length = _content_length(headers)
         except ValueError:
@@ -568,8 +585,12 @@ class HttpReader(Reader):
 
 
 class _Body:
-    """The async iterator :meth:`HttpReader.open_range` yields: at most ``expected`` bytes
-    of ``response``'s raw body, in the chunks the connection delivers (up to 64 KiB)."""
+    """The async iterator :meth:`HttpReader.open_range` yields: exactly ``expected`` bytes
+    of ``response``'s raw body, in the chunks the connection delivers (up to 64 KiB), or a
+    TransientError. With ``hold`` (a body without Content-Length) nothing is handed out
+    until the whole body has arrived and its length is exactly ``expected``; otherwise
+    (the connection frames the body by its checked Content-Length) chunks are handed out as
+    they come and a byte past ``expected`` raises."""
 
     def __init__(
         self,
@@ -580,6 +601,7 @@ class _Body:
         at: str,
         url: httpx.URL,
         original: httpx.URL,
+        hold: bool = False,
     ) -> None:
         self._session = session
         self._chunks = response.aiter_raw()  # as received: no re-chunking copies
@@ -589,6 +611,8 @@ class _Body:
         self._at = at
         self._urls = (url, original)
         self._closed = False
+        self._hold = hold
+        self._held: list[bytes] | None = None
 
     def __aiter__(self) -> _Body:
         return self
@@ -596,27 +620,63 @@ class _Body:
     async def __anext__(self) -> bytes:
         if self._closed:
             raise RuntimeError(f"{self._label}: body used after its open_range() ended")
+        if self._hold:
+            if self._held is None:
+                self._held = await self._receive_whole()
+                self._held.reverse()
+            if self._held:
+                return self._held.pop()
+            raise StopAsyncIteration
         while self._remaining > 0:
-            try:
-                chunk = await anext(self._chunks)
-            except StopAsyncIteration:
-                received = self._expected - self._remaining
-                raise TransientError(
-                    f"{self._label}: short body: got {received} of {self._expected} bytes{self._at}"
-                ) from None
-            except httpx.TransportError as exc:
-                received = self._expected - self._remaining
-                detail = self._session._describe(exc, *self._urls)
-                raise TransientError(
-                    f"{self._label}: {detail} after {received} of {self._expected} bytes{self._at}"
-                ) from exc
+            chunk = await self._receive()
+            if chunk is None:
+                raise self._short()
             if len(chunk) > self._remaining:
-                log.debug("%s: the body is longer than asked for; cut", self._label)
-                chunk = chunk[: self._remaining]
+                raise self._long()
             self._remaining -= len(chunk)
             if chunk:
                 return chunk
         raise StopAsyncIteration
+
+    async def _receive_whole(self) -> list[bytes]:
+        """Every chunk of the body, once its end shows its length is exactly right."""
+        chunks: list[bytes] = []
+        while True:
+            chunk = await self._receive()
+            if chunk is None:
+                if self._remaining:
+                    raise self._short()
+                return chunks
+            if len(chunk) > self._remaining:
+                raise self._long()
+            self._remaining -= len(chunk)
+            if chunk:
+                chunks.append(chunk)
+
+    async def _receive(self) -> bytes | None:
+        """The next chunk as received; None at the end of the body."""
+        try:
+            return await anext(self._chunks)
+        except StopAsyncIteration:
+            return None
+        except httpx.TransportError as exc:
+            received = self._expected - self._remaining
+            detail = self._session._describe(exc, *self._urls)
+            raise TransientError(
+                f"{self._label}: {detail} after {received} of {self._expected} bytes{self._at}"
+            ) from exc
+
+    def _short(self) -> TransientError:
+        received = self._expected - self._remaining
+        return TransientError(
+            f"{self._label}: short body: got {received} of {self._expected} bytes{self._at}"
+        )
+
+    def _long(self) -> TransientError:
+        return TransientError(
+            f"{self._label}: the server misbehaves: the body is longer than the "
+            f"{self._expected} bytes of its range{self._at}"
+        )
 
     async def aclose(self, *, drain: bool) -> None:
         """Stop reading. With ``drain`` and every byte delivered, read the (normally empty)
@@ -624,6 +684,7 @@ class _Body:
         if self._closed:
             return
         self._closed = True
+        self._held = None
         if drain and self._remaining == 0:
             await _drain(self._chunks, _DRAIN_BYTES)
         await _aclose_iterator(self._chunks)
@@ -724,6 +785,12 @@ def _fields(response: httpx.Response) -> dict[str, str]:
 def _identity_encoded(headers: Mapping[str, str]) -> bool:
     encodings = [e.strip().lower() for e in headers.get("content-encoding", "").split(",")]
     return all(e in ("", "identity") for e in encodings)
+
+
+def _transfer_codings(headers: Mapping[str, str]) -> list[str]:
+    """The answer's transfer codings, lower-cased, in order (``[]`` without any)."""
+    value = headers.get("transfer-encoding", "")
+    return [c.strip().lower() for c in value.split(",") if c.strip()]
 
 
 def _accepts_bytes(headers: Mapping[str, str]) -> bool:

@@ -49,6 +49,12 @@ wrong_start         206 whose Content-Range (and body) start ``delta`` bytes off
 wrong_total         206 whose Content-Range total is ``size + delta``
 wrong_length        Content-Length is the true length ``+ delta``; the true body; close
 gzip                ``Content-Encoding: gzip`` and the slice really gzipped
+overlong_body       no Content-Length, the body (ended by the close) starts at byte 0 of
+                    the object (not at the range's start) and is ``delta`` bytes longer
+                    than the range
+undeclared_short    no Content-Length, the range's bytes less the last ``after`` (default
+                    1), then a clean close
+te_gzip             ``Transfer-Encoding: gzip, chunked``: the slice gzipped, then chunked
 redirect            ``status`` (default 302) to ``location`` (a path here or any URL)
 changed_validator   206 as asked (If-Range ignored) but with ETag ``etag`` (and
                     Last-Modified ``last_modified`` if set)
@@ -106,6 +112,9 @@ FaultKind = Literal[
     "wrong_total",
     "wrong_length",
     "gzip",
+    "overlong_body",
+    "undeclared_short",
+    "te_gzip",
     "redirect",
     "changed_validator",
     "delay",
@@ -796,9 +805,14 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "wrong_length":
             assert fault is not None
             declared += fault.delta
-        if obj.content_length:
+        undeclared = kind in ("overlong_body", "undeclared_short", "te_gzip")
+        if obj.content_length and not undeclared:
             out.append(("Content-Length", str(declared)))
-        if kind in ("short_body", "wrong_length", "reset_body") or not obj.content_length:
+        if kind == "te_gzip":
+            out.append(("Transfer-Encoding", "gzip, chunked"))
+        if kind in ("short_body", "wrong_length", "reset_body") or not obj.content_length or (
+            undeclared and kind != "te_gzip"
+        ):
             self.close_connection = True
         self._start(rec, status, out)
         if not with_body:
@@ -806,7 +820,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reset()
             return
 
-        if body is not None:
+        if kind == "overlong_body":
+            assert fault is not None
+            self._write(rec, obj.key, 0, min(size, length + max(1, fault.delta)))
+        elif kind == "undeclared_short":
+            assert fault is not None
+            self._write(rec, obj.key, start, max(0, length - (fault.after or 1)))
+        elif kind == "te_gzip":
+            packed = gzip.compress(content(obj.key, start, length), compresslevel=1)
+            self._send(rec, b"%x\r\n%s\r\n0\r\n\r\n" % (len(packed), packed))
+        elif body is not None:
             self._send(rec, body)
         elif kind == "stall":
             assert fault is not None

@@ -178,6 +178,12 @@ TRANSIENT = {
     "wrong_length+": Fault("wrong_length", delta=1),
     "wrong_length-": Fault("wrong_length", delta=-1),
     "gzip": Fault("gzip"),
+    # bodies without Content-Length whose length disagrees with their Content-Range, and
+    # a transfer coding other than chunked: refused whole, before a byte is stored
+    "overlong_body": Fault("overlong_body", delta=BS),
+    "overlong_body+1": Fault("overlong_body", delta=1),
+    "undeclared_short": Fault("undeclared_short", after=1),
+    "te_gzip": Fault("te_gzip"),
     "wrong_start+": Fault("wrong_start", delta=BS),
     "wrong_start-": Fault("wrong_start", delta=-1),
     "wrong_total": Fault("wrong_total", delta=BS),  # same ETag, another total

@@ -839,8 +839,10 @@ def _object(key: str, *, length: bool, then_junk: bool, extra: bytes = b"") -> C
 
 
 def test_endless_bodies_are_cut_at_the_range(tmp_path: Path, mnt: Path, cache: Path) -> None:
-    """206 answers with the right bytes and then no end (past their Content-Length, or with
-    none at all): every read is exact, and memory stays bounded."""
+    """206 answers with the right bytes and then no end. Past their Content-Length: the
+    connection frames the body, every read is exact. Without a Content-Length the body is
+    longer than its range, so no byte of it is used: reads fail with EIO, never with bytes
+    of a body whose length is wrong. Memory stays bounded either way."""
     raw = RawOrigin({
         "/overlong": _object("/overlong", length=True, then_junk=True),
         "/endless": _object("/endless", length=False, then_junk=True),
@@ -848,12 +850,17 @@ def test_endless_bodies_are_cut_at_the_range(tmp_path: Path, mnt: Path, cache: P
     try:
         urls = write_list(tmp_path / "list.urls", [raw.url("/overlong"), raw.url("/endless")])
         with mounted(urls, mnt, "--block-size", "64K", "--prefetch", "none",
-                     cache_dir=cache, warnings_ok=True) as mount:
-            for name in ("overlong", "endless"):
-                with open(mnt / name, "rb") as fh:
-                    for offset in (3 * BS, 0, BS + 17, SIZE - 5):  # a few separate requests
-                        content.check(f"/{name}", offset, os.pread(fh.fileno(), 1000, offset))
-                content.check(f"/{name}", 0, read_file(mnt / name))
+                     "--read-timeout", "3", cache_dir=cache, warnings_ok=True) as mount:
+            with open(mnt / "overlong", "rb") as fh:
+                for offset in (3 * BS, 0, BS + 17, SIZE - 5):  # a few separate requests
+                    content.check("/overlong", offset, os.pread(fh.fileno(), 1000, offset))
+            content.check("/overlong", 0, read_file(mnt / "overlong"))
+            with open(mnt / "endless", "rb") as fh:
+                for offset in (3 * BS, SIZE - 5):
+                    with pytest.raises(OSError) as caught:
+                        os.pread(fh.fileno(), 1000, offset)
+                    assert caught.value.errno == errno.EIO
+            assert "longer than the" in mount.stderr()
             time.sleep(0.5)  # let the junk pile up wherever it can
             hwm = vm_hwm_kb(mount.pid)
             assert hwm < MAX_HWM_KB, f"peak RSS {hwm} KiB"

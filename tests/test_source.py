@@ -671,16 +671,90 @@ async def test_short_body_raises_from_the_iterator(
     assert "[100:199]" in str(caught.value)
 
 
-async def test_overlong_body_is_cut_to_the_range(server: FakeServer, session: HttpSession) -> None:
+async def _received_before(body_error: type[Exception], reader: Reader) -> bytes:
+    """Every byte ``reader`` hands out for RNG before it raises ``body_error``."""
+    received = bytearray()
+    with pytest.raises(body_error):
+        async with reader.open_range(RNG) as body:
+            async for chunk in body:
+                received += chunk
+    return bytes(received)
+
+
+@pytest.mark.parametrize(
+    ("what", "body", "chunk"),
+    [
+        # the object from byte 0 instead of byte 100: each chunk is wrong, none may pass
+        ("longer", DATA, 4096),
+        ("longer", DATA, 30),
+        ("longer by one byte", DATA[100:201], 10),
+        ("shorter", DATA[100:199], 10),
+        ("empty", b"", 10),
+    ],
+)
+async def test_undeclared_body_of_the_wrong_length_yields_nothing(
+    server: FakeServer, session: HttpSession, what: str, body: bytes, chunk: int
+) -> None:
+    """A 206 without Content-Length (chunked or delimited by the close) whose body is
+    longer or shorter than its Content-Range hands out no byte at all: a transient fault
+    (retried by the fetcher), never bytes that a cache would store."""
+
     def handler(request: httpx.Request) -> httpx.Response:
-        return server.respond(
-            206, BIG, {**server.validators(), "Content-Range": "bytes 100-199/1000"}
-        )
+        headers = {**server.validators(), "Content-Range": "bytes 100-199/1000"}
+        stream = Tracked(server, body, chunk=chunk)
+        return httpx.Response(206, headers=headers, stream=stream)
 
     server.routes[URL] = handler
-    assert await read(session.reader(URL, info())) == BIG[:100]
+    pattern = "longer than the 100 bytes" if what.startswith("longer") else "short body"
+    with pytest.raises(TransientError, match=pattern):
+        await read(session.reader(URL, info()))
+    assert await _received_before(TransientError, session.reader(URL, info())) == b""
     stream = server.streams[-1]
-    assert stream.closed and stream.sent <= 300_000  # one chunk, no draining
+    assert stream.closed
+
+
+async def test_undeclared_body_of_the_right_length_is_handed_out(
+    server: FakeServer, session: HttpSession
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {**server.validators(), "Content-Range": "bytes 100-199/1000"}
+        return httpx.Response(206, headers=headers, stream=Tracked(server, DATA[100:200], chunk=7))
+
+    server.routes[URL] = handler
+    assert await read(session.reader(URL, info())) == DATA[100:200]
+
+
+async def test_declared_body_longer_than_its_length_raises(
+    server: FakeServer, session: HttpSession
+) -> None:
+    """A transport that hands out more than the (checked) Content-Length: an error at the
+    first chunk too long, whose bytes are not handed out."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {**server.validators(), "Content-Range": "bytes 100-199/1000"}
+        return server.respond(206, DATA[100:160] + DATA[:100], headers, content_length=100)
+
+    server.routes[URL] = handler
+    received = await _received_before(TransientError, session.reader(URL, info()))
+    assert DATA[100:200].startswith(received)
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "gzip", "chunked, chunked", "x-custom"])
+async def test_transfer_codings_other_than_chunked_are_refused(
+    server: FakeServer, session: HttpSession, coding: str
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {
+            **server.validators(),
+            "Content-Range": "bytes 100-199/1000",
+            "Transfer-Encoding": coding,
+        }
+        return httpx.Response(206, headers=headers, stream=Tracked(server, DATA[100:200]))
+
+    server.routes[URL] = handler
+    with pytest.raises(TransientError, match="transfer coding"):
+        await read(session.reader(URL, info()))
+    assert await _received_before(TransientError, session.reader(URL, info())) == b""
 
 
 @pytest.mark.parametrize(
