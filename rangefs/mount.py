@@ -21,9 +21,11 @@ the FUSE bdi's read-ahead (128 KiB by default), which is raised through
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
+import resource
 import signal
 import stat
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -162,26 +164,66 @@ async def _wait_live(path: Path, limit: float) -> int:
     return dev
 
 
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
 def _raise_read_ahead(dev: int, kb: int) -> None:
-    """Let page-cache reads reach FUSE as ``kb`` KiB requests (root only; else a no-op)."""
+    """Let page-cache reads reach FUSE as ``kb`` KiB requests (root only). Sync (sysfs)."""
     path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
-    _raise_kernel_setting(path, kb, "read-ahead (KiB)")
+    _raise_kernel_setting(
+        path,
+        kb,
+        "read-ahead (KiB)",
+        "sequential reads reach rangefs as 128 KiB requests instead of 1 MiB ones "
+        "(more round trips per MiB)",
+    )
 
 
-def _raise_max_background(dev: int, count: int) -> None:
+def _raise_max_background(dev: int, count: int, fusectl: Path = FUSECTL) -> None:
     """Let the kernel pass up to ``count`` page-cache reads to the daemon at once (root
-    only; else a no-op). Its default, 12, queues the reads of a 13th concurrent reader
-    in the kernel behind the others' fetches. ``congestion_threshold`` is left as it is
-    (9): above it the kernel still skips its speculative read-ahead requests, so the
-    extra slots go to reads that someone waits for."""
+    only). Its default, 12, queues the reads of a 13th concurrent reader in the kernel
+    behind the others' fetches. ``congestion_threshold`` is left as it is (9): above it the
+    kernel still skips its speculative read-ahead requests, so the extra slots go to reads
+    that someone waits for. The setting lives in the fusectl file system; as root it is
+    mounted at ``fusectl`` when it is not (systemd does so at boot; containers, VMs and CI
+    runners often do not). Sync (sysfs, mount(2))."""
+    if count <= 0:
+        return
     # the fusectl directory is named after the kernel's dev_t of the mount (MKDEV)
-    path = Path(f"/sys/fs/fuse/connections/{(os.major(dev) << 20) | os.minor(dev)}")
-    _raise_kernel_setting(path / "max_background", count, "max_background")
+    conn = fusectl / str((os.major(dev) << 20) | os.minor(dev))
+    if not conn.exists() and os.geteuid() == 0:
+        _mount_fusectl(fusectl)
+    _raise_kernel_setting(
+        conn / "max_background",
+        count,
+        "max_background",
+        "at most 12 reads reach rangefs at once; a 13th concurrent reader waits in the "
+        "kernel behind the others' fetches",
+    )
 
 
-def _raise_kernel_setting(path: Path, value: int, what: str) -> None:
+def _mount_fusectl(where: Path) -> None:
+    """``mount -t fusectl fusectl WHERE`` through mount(2); a failure is logged (info)."""
+    if os.path.ismount(where):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"fusectl", os.fsencode(where), b"fusectl", 0, None) != 0:
+        err = ctypes.get_errno()
+        log.info("cannot mount the fusectl file system at %s: %s", where, os.strerror(err))
+        return
+    log.info("mounted the fusectl file system at %s (it was not mounted)", where)
+
+
+# What was left at the kernel's default, said once per process at -v.
+_left_at_default: set[str] = set()
+
+
+def _raise_kernel_setting(path: Path, value: int, what: str, cost: str) -> None:
     """Write ``value`` to the sysfs file ``path`` if it holds less; 0 or less: leave it.
-    Best effort: without the right (not root) or the file, a debug line says so."""
+
+    Best effort: without the right (not root) or the file, one info line (-v) per process
+    says what was left at the kernel's default and what that costs (``cost``).
+    """
     if value <= 0:
         return
     try:
@@ -190,7 +232,13 @@ def _raise_kernel_setting(path: Path, value: int, what: str) -> None:
             path.write_text(f"{value}\n")
             log.debug("%s of the mount raised from %d to %d", what, current, value)
     except (OSError, ValueError) as exc:
-        log.debug("%s of the mount left as it is (%s): %s", what, path, exc)
+        if what not in _left_at_default:
+            _left_at_default.add(what)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.info(
+                "%s of the mount left at the kernel's default (%s: %s): %s",
+                what, path, reason, cost,
+            )
 
 
 async def run_mount(
@@ -226,10 +274,28 @@ def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException | Non
     return leaves[0] if len(leaves) == 1 else None
 
 
+def raise_fd_limit() -> None:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (systemd's services and
+    many shells start with a soft 1024). The mount needs 2 descriptors per cache in use
+    and one per connection; idle caches are closed (objects.IDLE_GRACE), so the limit
+    bounds the files open at once, not the files ever read."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError) as exc:
+        log.info("the open-file limit stays at %d: %s", soft, exc)
+        return
+    log.debug("open-file limit raised from %d to %d", soft, want)
+
+
 async def _run_mount(
     config: MountConfig, entries: Sequence[Entry], *, on_ready: Callable[[], None]
 ) -> None:
     check_mountpoint(config.mountpoint)
+    raise_fd_limit()
     tree = Tree.from_entries(entries)
     store = ObjectStore(entries, config.store)
     ops = RangeOperations(tree, store, block_size=config.store.block_size)

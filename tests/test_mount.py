@@ -314,22 +314,74 @@ def test_statfs(tmp_path: Path, mnt: Path, cache: Path) -> None:
         assert "rangefs" in out.stdout
 
 
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def _fusectl_mounted() -> bool:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return any(line.split()[4] == str(FUSECTL) for line in f)
+
+
+@pytest.mark.parametrize("fusectl", ["mounted", "not mounted"])
 def test_kernel_read_ahead_and_max_background_are_raised(
-    tmp_path: Path, mnt: Path, cache: Path
+    tmp_path: Path, mnt: Path, cache: Path, fusectl: str
 ) -> None:
-    """As root the mount gets 1 MiB read-ahead and 64 background reads, and keeps the
-    kernel's congestion threshold (9); without root the kernel's defaults stay."""
-    with mounted(_tree_list(tmp_path), mnt, cache_dir=cache):
+    """As root the mount gets 1 MiB read-ahead and 64 background reads and keeps the
+    kernel's congestion threshold (9), whether the fusectl file system was mounted before
+    (systemd does it at boot) or not (fresh containers, VMs, CI runners: rangefs mounts
+    it). Without root, -v says what was left at the kernel's default and what it costs."""
+    if os.geteuid() != 0:
+        with mounted(_tree_list(tmp_path), mnt, cache_dir=cache) as mount:
+            log = mount.stderr()
+        assert "max_background of the mount left at the kernel's default" in log
+        assert "read-ahead (KiB) of the mount left at the kernel's default" in log
+        return
+    if fusectl == "mounted" and not _fusectl_mounted():
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)], check=True)
+    if fusectl == "not mounted" and _fusectl_mounted():
+        subprocess.run(["umount", str(FUSECTL)], check=True)
+    assert _fusectl_mounted() == (fusectl == "mounted")
+    with mounted(_tree_list(tmp_path), mnt, cache_dir=cache) as mount:
         dev = os.stat(mnt).st_dev
         bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
-        conn = Path(f"/sys/fs/fuse/connections/{(os.major(dev) << 20) | os.minor(dev)}")
+        conn = FUSECTL / str((os.major(dev) << 20) | os.minor(dev))
         read_ahead = int(bdi.read_text())
         background = int((conn / "max_background").read_text())
         congestion = int((conn / "congestion_threshold").read_text())
-        if os.geteuid() == 0:
-            assert (read_ahead, background, congestion) == (1024, 64, 9)
-        else:
-            assert (background, congestion) == (12, 9)
+        assert (read_ahead, background, congestion) == (1024, 64, 9)
+        assert ("mounted the fusectl file system" in mount.stderr()) == (fusectl == "not mounted")
+        assert "left at the kernel's default" not in mount.stderr()
+
+
+def test_kernel_settings_left_at_default_are_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without root (no fusectl connection to write, not mounted for us) one info line per
+    setting says what was left at the kernel's default and what that costs; no mount is
+    attempted."""
+    from rangefs import mount as mount_module
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(mount_module, "_left_at_default", set())
+    attempts: list[Path] = []
+    monkeypatch.setattr(mount_module, "_mount_fusectl", attempts.append)
+    caplog.set_level(logging.INFO, logger="rangefs.mount")
+    for _ in range(3):
+        mount_module._raise_max_background(os.makedev(0, 77), 64, fusectl=tmp_path)
+    assert attempts == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert "max_background of the mount left at the kernel's default" in lines[0]
+    assert "13th concurrent reader waits" in lines[0]
+    # root, and the connection is there: raised, nothing said
+    caplog.clear()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    conn = tmp_path / str(77)
+    conn.mkdir()
+    (conn / "max_background").write_text("12\n")
+    mount_module._raise_max_background(os.makedev(0, 77), 64, fusectl=tmp_path)
+    assert (conn / "max_background").read_text() == "64\n"
+    assert attempts == [] and not caplog.records
 
 
 # -- shutdown ------------------------------------------------------------------------------
