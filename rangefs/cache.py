@@ -2,8 +2,10 @@
 
 Files, inside the object's directory (0700, created if missing; files 0600):
 
-- ``data``: the object's bytes at their own offsets, preallocated to the object's size
-  (``cachefiles.reserve_space``: fallocate, or a sparse file where that is unsupported).
+- ``data``: the object's bytes at their own offsets: preallocated to the object's size
+  (``reserve=True``, for downloads: ``cachefiles.reserve_space``) or sparse
+  (``reserve=False``, for mounts: blocks take space as they are written, and ``evict``
+  gives the space of a run of blocks back).
 - ``index`` (+ ``index.prev``, transient ``index.tmp``): which blocks are durable, plus the
   object's identity (URL, size, block size, ETag, Last-Modified) and a CRC32; the format is
   in ``cachefiles``.
@@ -19,6 +21,14 @@ data file, then atomically writes the index with that snapshot — so the index 
 claims blocks whose bytes were durable before the claim was written (DESIGN §2.2), and a
 block set after the snapshot is claimed by the next flush. ``close()`` does a last flush
 synchronously. A block that is already cached is never rewritten.
+
+Eviction (``evict``, mounts): the blocks' bits are cleared, then — before any byte goes —
+the data file is fdatasynced and an index that no longer claims them is written durably,
+without ``index.prev`` (no older generation may claim them either); only then are holes
+punched, under the write lock and only over blocks still clear (a block fetched again
+meanwhile keeps its new bytes). A crash at any point leaves an index that claims only
+blocks whose bytes are on disk. Readers of blocks being evicted are the caller's affair
+(the mount never evicts a range that a read waits for or reads).
 
 ``open()`` resumes from ``index`` if it is valid and its identity equals the caller's; if it
 is missing or corrupt (torn, bad CRC/magic/length) it falls back to ``index.prev`` (an
@@ -47,7 +57,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, Self
 
@@ -58,10 +68,13 @@ from rangefs.cachefiles import (
     DEFAULT_HEADROOM,
     IndexRecord,
     ObjectIdentity,
+    allocated_bytes,
     check_space,
     create_new_files_for_cache,
+    create_sparse,
     ensure_private_dir,
     open_data_file,
+    punch_hole,
     read_index_record,
     reserve_space,
     write_index,
@@ -166,6 +179,7 @@ class LocalDownloadCache:
         flush_blocks: int,
         flush_interval: float,
         headroom: int,
+        reserve: bool = True,
     ) -> None:
         """Internal: use ``LocalDownloadCache.open``."""
         self._directory = directory
@@ -194,6 +208,12 @@ class LocalDownloadCache:
         self._epoch = 0  # bumped by invalidate(); a flush of an older epoch is dropped
         self._flush_lock = trio.Lock()
         self._persist_lock = threading.Lock()
+        self._reserve = reserve
+        # held around every pwrite-then-set-bit and around hole punching, so that a punch
+        # never destroys a block written (and claimed) after the eviction cleared it
+        self._write_lock = threading.Lock()
+        #: called with (first block, count) after blocks were newly stored (trio thread)
+        self.stored_listener: Callable[[int, int], None] | None = None
 
     # -- opening ------------------------------------------------------------------------
 
@@ -206,20 +226,23 @@ class LocalDownloadCache:
         flush_blocks: int = 512,
         flush_interval: float = 0.25,
         headroom: int = DEFAULT_HEADROOM,
+        reserve: bool = True,
     ) -> Self:
         """Open (resume) or create the cache of ``identity`` in ``directory``. Blocking.
 
         See the module docstring for the resume / fall back / start over rules. Raises
         ``CacheLocked`` if the directory is already open, ``NotEnoughSpace`` (before
-        anything is written) if a new object does not fit, ``InternalError`` for OS errors.
-        ``flush_blocks`` / ``flush_interval`` (seconds) drive ``needs_flush``.
+        anything is written) if a new object does not fit (``reserve``), ``InternalError``
+        for OS errors. ``flush_blocks`` / ``flush_interval`` (seconds) drive
+        ``needs_flush``. Without ``reserve`` the data file is sparse, and one left
+        preallocated by an earlier version is made sparse where no block is cached.
         """
         directory = Path(directory)
         ensure_private_dir(directory)
         lock_fd = _lock_directory(directory)
         try:
             return cls._open_locked(
-                directory, identity, lock_fd, flush_blocks, flush_interval, headroom
+                directory, identity, lock_fd, flush_blocks, flush_interval, headroom, reserve
             )
         except BaseException:
             os.close(lock_fd)
@@ -234,6 +257,7 @@ class LocalDownloadCache:
         flush_blocks: int,
         flush_interval: float,
         headroom: int,
+        reserve: bool,
     ) -> Self:
         data_path = directory / DATA_NAME
         index_path = directory / INDEX_NAME
@@ -241,7 +265,9 @@ class LocalDownloadCache:
         fd = _open_matching_data(data_path, identity) if record is not None else None
         if fd is None or record is None:
             log.info("%s: starting a new cache of %d bytes", directory, identity.size)
-            create_new_files_for_cache(data_path, index_path, identity, headroom=headroom)
+            create_new_files_for_cache(
+                data_path, index_path, identity, headroom=headroom, reserve=reserve
+            )
             fd = open_data_file(data_path)
             record = IndexRecord(identity, bytes(identity.bitmap_bytes), 0)
         try:
@@ -256,10 +282,13 @@ class LocalDownloadCache:
                 flush_blocks=flush_blocks,
                 flush_interval=flush_interval,
                 headroom=headroom,
+                reserve=reserve,
             )
         except BaseException:
             os.close(fd)
             raise
+        if not reserve:
+            cache._punch_uncached()
         log.debug(
             "%s: opened, %d of %d blocks cached", directory, bitmap.count_set(), bitmap.num_blocks
         )
@@ -386,21 +415,24 @@ class LocalDownloadCache:
         if self._bitmap.is_block_set(index):
             return
         pos = offset
-        try:
-            while view:
-                written = os.pwrite(self._fd, view, pos)
-                if written <= 0:
-                    raise errors.InternalError(
-                        f"short write of block {index} of {self._directory}"
-                    )
-                view = view[written:]
-                pos += written
-        except OSError as exc:
-            raise _os_error(f"writing block {index} of {self._directory}", exc) from exc
-        self._bitmap.set_block(index)
+        with self._write_lock:
+            try:
+                while view:
+                    written = os.pwrite(self._fd, view, pos)
+                    if written <= 0:
+                        raise errors.InternalError(
+                            f"short write of block {index} of {self._directory}"
+                        )
+                    view = view[written:]
+                    pos += written
+            except OSError as exc:
+                raise _os_error(f"writing block {index} of {self._directory}", exc) from exc
+            self._bitmap.set_block(index)
         if self._dirty == 0:
             self._dirty_since = _now()
         self._dirty += 1
+        if self.stored_listener is not None:
+            self.stored_listener(index, 1)
 
     def write_blocks(self, first: int, parts: Sequence[Buffer]) -> int:
         """Store consecutive whole blocks from block ``first`` on: their bytes are the
@@ -437,17 +469,20 @@ class LocalDownloadCache:
                     self.write_at(memoryview(data)[i * bs : (i + 1) * bs], offset + i * bs)
                     written += 1
             return written
-        try:
-            _pwritev_all(self._fd, views, offset)
-        except OSError as exc:
-            raise _os_error(
-                f"writing blocks {first}..{first + count - 1} of {self._directory}", exc
-            ) from exc
-        for index in range(first, first + count):
-            bitmap.set_block(index)
+        with self._write_lock:
+            try:
+                _pwritev_all(self._fd, views, offset)
+            except OSError as exc:
+                raise _os_error(
+                    f"writing blocks {first}..{first + count - 1} of {self._directory}", exc
+                ) from exc
+            for index in range(first, first + count):
+                bitmap.set_block(index)
         if self._dirty == 0:
             self._dirty_since = _now()
         self._dirty += count
+        if self.stored_listener is not None:
+            self.stored_listener(first, count)
         return count
 
     def read_at(self, offset: int, size: int) -> bytes:
@@ -624,7 +659,7 @@ class LocalDownloadCache:
                 return  # closed / invalidated / superseded: a newer state was persisted
             self._persist_locked(snapshot, count)
 
-    def _persist_locked(self, snapshot: bytes, count: int) -> None:
+    def _persist_locked(self, snapshot: bytes, count: int, *, keep_prev: bool = True) -> None:
         try:
             os.fdatasync(self._fd)
         except OSError as exc:
@@ -634,7 +669,11 @@ class LocalDownloadCache:
             raise failure from exc
         started = time.monotonic()
         write_index(
-            self._index_path, self._identity, snapshot, generation=self._generation + 1
+            self._index_path,
+            self._identity,
+            snapshot,
+            generation=self._generation + 1,
+            keep_prev=keep_prev,
         )
         self._generation += 1
         self._persisted_count = count
@@ -642,6 +681,81 @@ class LocalDownloadCache:
         log.debug(
             "%s: index generation %d claims %d blocks", self._directory, self._generation, count
         )
+
+    async def evict(self, runs: Sequence[tuple[int, int]]) -> int:
+        """Drop the cached blocks of ``runs`` (inclusive block indices); returns how many
+        were dropped. Trio thread; the disk work runs in a worker thread (see "Eviction" in
+        the module docstring for the order that makes it crash-safe). The caller makes
+        sure no read is reading these blocks. Errors as ``flush``; after a failed index
+        write the bits stay cleared (the blocks are fetched again) and nothing is punched.
+        Cancellation: the worker thread runs to its end.
+        """
+        self._check_usable()
+        async with self._flush_lock:
+            self._check_usable()
+            bitmap = self._bitmap
+            cleared: list[tuple[int, int]] = []
+            for first, last in runs:
+                for index in range(max(0, first), min(last, bitmap.num_blocks - 1) + 1):
+                    if bitmap.clear_block(index):
+                        if cleared and cleared[-1][1] == index - 1:
+                            cleared[-1] = (cleared[-1][0], index)
+                        else:
+                            cleared.append((index, index))
+            if not cleared:
+                return 0
+            count = bitmap.count_set()
+            snapshot = bitmap.to_bytes()
+            epoch = self._epoch
+            self._dirty, self._dirty_since = 0, None
+            await trio.to_thread.run_sync(self._evict_on_disk, snapshot, count, epoch, cleared)
+        return sum(last - first + 1 for first, last in cleared)
+
+    def _evict_on_disk(
+        self, snapshot: bytes, count: int, epoch: int, cleared: list[tuple[int, int]]
+    ) -> None:
+        """Worker thread: make the index stop claiming ``cleared`` durably, then punch."""
+        with self._persist_lock:
+            if self._fd < 0 or epoch != self._epoch:
+                return  # closed or invalidated meanwhile: nothing of ours to punch
+            self._persist_locked(snapshot, count, keep_prev=False)
+            bs, size = self.block_size, self.size
+            with self._write_lock:
+                for first, last in cleared:
+                    block = first
+                    while block <= last:  # punch only the blocks still clear
+                        start = self._bitmap.first_clear(block, last + 1)
+                        if start is None:
+                            break
+                        end = self._bitmap.first_set(start, last + 1)
+                        stop = last + 1 if end is None else end
+                        try:
+                            punch_hole(self._fd, start * bs, min(stop * bs, size) - start * bs)
+                        except OSError as exc:
+                            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                                log.warning("%s: cannot punch holes (%s): evicted blocks "
+                                            "keep their space", self._directory, exc)
+                                return
+                            raise _os_error(f"punching a hole in {self._data_path}", exc) from exc
+                        block = stop
+
+    def _punch_uncached(self) -> None:
+        """Give back the space of every block not cached (a data file preallocated by an
+        earlier version, or left allocated by a crash mid-eviction). Blocking; at open."""
+        if allocated_bytes(self._fd) <= self._bitmap.cached_bytes() + self.block_size:
+            return
+        bs, n, bitmap = self.block_size, self._bitmap.num_blocks, self._bitmap
+        try:
+            block = bitmap.first_clear(0)
+            while block is not None:  # one step per run of clear blocks
+                end = bitmap.first_set(block)
+                stop = n if end is None else end
+                punch_hole(self._fd, block * bs, min(stop * bs, self.size) - block * bs)
+                block = None if end is None else bitmap.first_clear(end)
+        except OSError as exc:
+            log.info("%s: uncached space not given back: %s", self._directory, exc)
+            return
+        log.info("%s: gave back the space of uncached blocks (block size %d)", self._directory, bs)
 
     def invalidate(self, identity: ObjectIdentity) -> None:
         """Switch to another version of the object: every block becomes missing. Blocking.
@@ -655,7 +769,7 @@ class LocalDownloadCache:
         """
         self._check_usable()
         old = self._identity
-        if identity.size != old.size:
+        if identity.size != old.size and self._reserve:
             check_space(self._data_path, identity.size, headroom=self._headroom)
         with self._persist_lock:
             self._epoch += 1
@@ -678,7 +792,10 @@ class LocalDownloadCache:
                 if identity.size != old.size:
                     os.close(self._fd)
                     self._fd = -1
-                    reserve_space(self._data_path, identity.size, headroom=self._headroom)
+                    if self._reserve:
+                        reserve_space(self._data_path, identity.size, headroom=self._headroom)
+                    else:
+                        create_sparse(self._data_path, identity.size)
                     self._fd = open_data_file(self._data_path)
             except (OSError, errors.RangefsError) as exc:
                 self._failed = errors.InternalError(f"invalidating {self._directory}: {exc}")

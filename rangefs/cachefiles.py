@@ -28,6 +28,12 @@ two renames only ``path.prev`` exists, so readers must fall back to ``path.prev`
 ``path`` is missing or corrupt. With ``keep_prev=False`` the old ``path.prev`` is removed
 before the rename, so no index of an older version survives.
 
+Sparse data files and holes: a mount caches blocks, not objects, so its data files are
+created sparse (``create_sparse``, ``reserve=False``: nothing allocated up front) and an
+evicted run of blocks gives its space back with ``punch_hole`` (``fallocate`` with
+``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE``, through ctypes: the os module has no
+fallocate with flags). ``rangefs download`` keeps reserving (``reserve_space``).
+
 ``create_new_files_for_cache`` removes the old index (and ``.prev``/``.tmp``) *before* it
 touches the data file, so a crash can never leave an old index claiming blocks of a
 truncated or re-allocated data file.
@@ -36,6 +42,7 @@ truncated or re-allocated data file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import logging
@@ -56,13 +63,16 @@ __all__ = [
     "INDEX_MAGIC",
     "IndexRecord",
     "ObjectIdentity",
+    "allocated_bytes",
     "cache_files_exist",
     "check_space",
     "create_new_files_for_cache",
+    "create_sparse",
     "ensure_private_dir",
     "fsync_dir",
     "open_cache_files",
     "open_data_file",
+    "punch_hole",
     "read_index",
     "read_index_record",
     "remove_index_files",
@@ -409,21 +419,75 @@ def create_new_files_for_cache(
     *,
     progress: Callable[[int], None] | None = None,
     headroom: int = DEFAULT_HEADROOM,
+    reserve: bool = True,
 ) -> None:
     """Start an object's cache from scratch. Blocking.
 
     Removes the old index files first (so no index outlives its data), reserves
     ``identity.size`` bytes for the data file (``reserve_space``; ``NotEnoughSpace`` before
-    anything is written), then writes an all-clear index (generation 0). ValueError for an
-    empty file name.
+    anything is written) or, without ``reserve``, creates it sparse (``create_sparse``),
+    then writes an all-clear index (generation 0). ValueError for an empty file name.
     """
     if not os.fspath(data_path) or not os.fspath(index_path):
         raise ValueError("filename cannot be empty")
     if os.path.isdir(data_path):
         raise errors.InternalError(f"failed to create cache file {data_path}: is a directory")
     remove_index_files(index_path)
-    reserve_space(data_path, identity.size, progress=progress, headroom=headroom)
+    if reserve:
+        reserve_space(data_path, identity.size, progress=progress, headroom=headroom)
+    else:
+        create_sparse(data_path, identity.size)
     write_index(index_path, identity, bytes(identity.bitmap_bytes), keep_prev=False)
+
+
+def create_sparse(path: StrPath, size: int) -> None:
+    """Create (or truncate) ``path`` (0600) as a sparse file of ``size`` bytes: nothing is
+    allocated; blocks take space as they are written. fsyncs the file and its directory.
+    Blocking. ``InternalError``/``NotEnoughSpace`` on OS errors."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, _FILE_MODE)
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, _FILE_MODE)
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(os.path.dirname(path) or ".")
+    except OSError as exc:
+        if exc.errno in (errno.EFBIG, errno.EINVAL):
+            raise errors.NotEnoughSpace(
+                f"cannot cache {size} bytes in {path}: larger than the largest file its "
+                f"file system allows ({exc.strerror})"
+            ) from exc
+        raise _os_error(f"creating the sparse file {path}", exc) from exc
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: ctypes.CDLL | None = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate ``[offset, offset+length)`` of the file ``fd`` (reads give zeros; the
+    size is kept). Blocking; thread-safe. OSError (EOPNOTSUPP where the file system cannot
+    punch holes)."""
+    global _libc
+    if length <= 0:
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def allocated_bytes(fd: int) -> int:
+    """Bytes the file ``fd`` occupies on disk (``st_blocks`` x 512)."""
+    return os.fstat(fd).st_blocks * 512
 
 
 def open_data_file(data_path: StrPath) -> int:

@@ -29,6 +29,7 @@ import click
 import trio
 
 from . import service
+from .budget import DEFAULT_MIN_FREE, EXTENT_BYTES, MinFree
 from .digests import parse_digest
 from .download import DownloadOptions, DownloadStats, cat_url, download_file, partial_dir
 from .errors import CacheLocked, RangefsError, UsageError
@@ -122,6 +123,26 @@ class SizeType(_IntParamType):
         if self.power_of_two and size & (size - 1):
             self.fail(f"{value} is not a power of two (e.g. 64K, 1M, 4M)", param, ctx)
         return size
+
+
+class MinFreeType(click.ParamType):  # type: ignore[type-arg]
+    """``--cache-min-free``: a percentage of the file system (``5%``) or a size."""
+
+    name = "SIZE|N%"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> MinFree:
+        if isinstance(value, MinFree):
+            return value
+        text = str(value)
+        try:
+            percent = MinFree.parse(text)
+            if percent is not None:
+                return percent
+            return MinFree(nbytes=parse_size(text))
+        except ValueError as exc:
+            self.fail(f"{text!r}: {exc} (give a size such as 2G or a percentage such as 5%)",
+                      param, ctx)
 
 
 class SecondsType(click.FloatRange):
@@ -331,9 +352,17 @@ def rangefs() -> None:
               help="Directory of the block cache (kept across mounts).  "
                    "[default: $XDG_CACHE_HOME/rangefs, else ~/.cache/rangefs]")
 @click.option("--cache-size", type=SizeType(minimum=1), default=None, metavar="SIZE",
-              help="Budget for the cache directory in bytes (suffixes K, M, G, T = powers of "
-                   "1024, e.g. 20G); least recently used objects are evicted beyond it.  "
-                   "[default: unlimited]")
+              help="Most bytes the cache directory may hold (suffixes K, M, G, T = powers "
+                   "of 1024, e.g. 20G). Objects larger than it (or than the disk) are still "
+                   "read everywhere: beyond the budget the least recently used runs of "
+                   f"blocks ({EXTENT_BYTES >> 20} MiB) of any file, open or not, are "
+                   "evicted, never one a read is waiting for; a file is filled whole only "
+                   "when it fits.  [default: no fixed size; --cache-min-free applies]")
+@click.option("--cache-min-free", type=MinFreeType(), default=DEFAULT_MIN_FREE,
+              show_default=True, metavar="SIZE|N%",
+              help="Free space the cache leaves on its file system (a size, or a percentage "
+                   "of the file system): the cache evicts blocks instead of filling the "
+                   "disk; with --cache-size the smaller budget applies. 0 turns it off.")
 @click.option("--block-size", type=SizeType(minimum=MIN_BLOCK_SIZE, maximum=MAX_BLOCK_SIZE,
                                             power_of_two=True),
               default=DEFAULT_MOUNT_BLOCK_SIZE, show_default=True, metavar="SIZE",
@@ -386,6 +415,7 @@ def mount_command(
     mountpoint: str,
     cache_dir: Path | None,
     cache_size: int | None,
+    cache_min_free: MinFree,
     block_size: int,
     concurrency: int,
     max_rate: int | None,
@@ -430,6 +460,7 @@ def mount_command(
                                  # demand (2 x N) + fill slots, and the probes'
                                  max_connections=(3 + PROBES_PER_SLOT) * concurrency),
                 cache_size=cache_size,
+                cache_min_free=cache_min_free,
                 probe_concurrency=PROBES_PER_SLOT * concurrency,
             ),
             allow_other=allow_other,

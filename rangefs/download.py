@@ -35,12 +35,11 @@ from .fetcher import ObjectFetcher, retry_transient
 from .ranges import ByteRange, num_blocks, range_for_index
 from .ratecontrol import BackoffPolicy, Limiter
 from .redact import redact_url
+from .scheduler import FLUSH_INTERVAL, flush_periodically
 from .source import HttpOptions, HttpSession, Reader
 
 log = logging.getLogger(__name__)
 
-FLUSH_PERIOD = 0.02  # seconds between checks whether the cache index needs persisting
-FLUSH_INTERVAL = 0.02  # a new block is claimed by the index after at least this long
 
 
 # -- caching downloader -------------------------------------------------------------------
@@ -156,7 +155,9 @@ class CachingDownloader:
         error: RangefsError | None = None
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.run)
-            nursery.start_soon(self._flusher)
+            # the mount's flusher: batches, and backoff when the index cannot be written
+            # (the download then fails at its final flush if the disk stays full)
+            nursery.start_soon(flush_periodically, lambda: [self.cache])
             if self.progress is not None:
                 nursery.start_soon(self._report, fetcher, found, start)
             delay = self.pass_delay
@@ -191,13 +192,6 @@ class CachingDownloader:
             error=error,
             stats=self.stats,
         )
-
-    async def _flusher(self) -> None:
-        """Persist the index in batches while blocks arrive (crash safety)."""
-        while True:
-            await trio.sleep(FLUSH_PERIOD)
-            if self.cache.needs_flush():
-                await self.cache.flush()
 
     async def _report(self, fetcher: ObjectFetcher, found: int, start: float) -> None:
         assert self.progress is not None

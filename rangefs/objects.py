@@ -12,9 +12,18 @@ One ``MountedObject`` per cache key (entries naming the same URL share it). Its 
    a new fetcher started. Handles of the old generation then fail every read with
    RemoteChanged (EIO); new opens read the new version with ``keep_cache`` off once, so
    the kernel drops pages of the old one. Never a mix of two versions.
+4. *Idle*: a cache nobody uses (no handle, no fill, no digest check) is closed after
+   IDLE_GRACE seconds, or at once beyond MAX_IDLE_CACHES, and opened again from its index
+   on the next open; a fill that was waiting for its turn opens it again then.
 
-Everything here runs on the trio thread. The store owns every task (probes, fetchers,
-fills, the index flusher) and flushes every cache, shielded, when it is cancelled.
+The store owns every task (probes, fetchers, fills, preloads, digest checks, the index
+flusher, the metadata saver, the idle closer, the evictor), started through
+``tasks.Tasks`` (named, contained), and flushes every cache, shielded, when it is
+cancelled. It keeps the cache within its budget (``budget.py`` keeps the books): it
+evicts in LRU order, never blocks that a read waits for or reads (``_Version.pin``), nor
+an object being filled or checked. Policies live beside it: read-ahead in
+``readahead.py``, flush and fill scheduling in ``scheduler.py``. Everything here runs on
+the trio thread.
 """
 
 from __future__ import annotations
@@ -32,20 +41,13 @@ from pathlib import Path
 import trio
 import trio.lowlevel
 
+from .budget import Budget, MinFree, Victim
 from .cache import LocalDownloadCache
-from .cachedir import (
-    META_SAVE_PERIOD,
-    CacheDir,
-    ObjectMeta,
-    UsageTable,
-    cache_key,
-    write_meta_table,
-)
+from .cachedir import CacheDir, ObjectMeta, cache_key
 from .cachefiles import ObjectIdentity
 from .digests import Digest, hash_file, parse_digest
 from .errors import (
     DigestMismatch,
-    NotEnoughSpace,
     PermanentError,
     RangefsError,
     ReadTimeout,
@@ -56,26 +58,22 @@ from .errors import (
 from .fetcher import ObjectFetcher, retry_transient
 from .ranges import block_span
 from .ratecontrol import BackoffPolicy, Limiter
+from .readahead import ReadAhead
 from .redact import redact_url
+from .scheduler import (  # noqa: F401 - FLUSH_PERIOD re-exported
+    FLUSH_INTERVAL,
+    FLUSH_PERIOD,
+    FillQueue,
+    flush_periodically,
+    save_metadata_periodically,
+)
 from .source import HttpOptions, HttpSession, RemoteInfo
+from .tasks import Tasks, contain
 from .urllist import Entry
 
 log = logging.getLogger(__name__)
 
-# Index persistence (crash safety). A kill -9 loses the blocks written since the last
-# flush, about fill rate x (FLUSH_INTERVAL + FLUSH_PERIOD) on a fast disk (20 kills during
-# one copy fetched 1.00 x the object: tests/test_crash.py). A flush is one fdatasync plus
-# an index write (~2 ms on an SSD) and happens only for caches with new blocks; where
-# fsyncs are slow the cache stretches the interval to FLUSH_COST_FACTOR times its last
-# index write (LocalDownloadCache.needs_flush).
-FLUSH_PERIOD = 0.02  # seconds between checks for caches whose index needs persisting
-FLUSH_INTERVAL = 0.02  # a new block is claimed by the index after at least this long
-FLUSH_RETRY_MIN = 1.0  # seconds before a failed flush (e.g. a full disk) is tried again,
-FLUSH_RETRY_MAX = 30.0  # ... doubling up to this
-MAX_READAHEAD = 32 << 20  # bytes a sequential reader's read-ahead grows to
-FIRST_READAHEAD = 4 << 20  # read-ahead at the second sequential read, doubling from there
-CACHE_READAHEAD = 64 << 20  # bytes of the cache file preloaded ahead of a sequential reader
-FIRST_PRELOAD = 16 << 20  # preloaded after the first read of a handle when it is at offset 0
+# re-exported: the index flush policy lives in scheduler.py
 # whole-object fills (--prefetch open) running at once; the objects read sequentially
 # meanwhile wait in order, and their readers get read-ahead. With 16 readers of 8 objects,
 # filling all 8 at once kept the event loop saturated: one at a time, the p99 read latency
@@ -86,6 +84,13 @@ CONCURRENT_FILLS = 1
 # readers miss at once (16 readers starting together split their reads into 64 requests),
 # their requests do not queue behind each other
 DEMAND_SLOTS_PER_FILL_SLOT = 2
+# Caches of objects nobody uses are closed (files, lock, fetcher) after this many seconds
+# (an open/close loop on one file keeps its cache), or at once, oldest first, when more
+# than MAX_IDLE_CACHES are open: the mount's descriptors are bounded by the files open,
+# not by the files ever read (each open cache holds 2: the data file and its lock).
+IDLE_GRACE = 5.0
+MAX_IDLE_CACHES = 64
+IDLE_CHECK_PERIOD = 1.0
 
 
 class Prefetch(enum.Enum):
@@ -107,7 +112,8 @@ class StoreConfig:
     prefetch: Prefetch = Prefetch.OPEN
     read_timeout: float = 60.0  # a read() waits at most this long for its blocks, then EIO
     http: HttpOptions = field(default_factory=HttpOptions)
-    cache_size: int | None = None  # budget for the cache directory; None = unlimited
+    cache_size: int | None = None  # budget for the cache directory; None = no fixed size
+    cache_min_free: MinFree = field(default_factory=lambda: MinFree(percent=5.0))
     probe_concurrency: int = 64
     probe_at_mount: bool = True  # learn every entry's size in the background from mount time
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
@@ -119,6 +125,11 @@ class ObjectAttrs:
 
     size: int
     mtime: float
+
+
+def _span(blocks: tuple[int, int]) -> tuple[int, int]:
+    """Inclusive (first, last) block indices -> the (start, stop) of a bitmap search."""
+    return blocks[0], blocks[1] + 1
 
 
 def _info_from_meta(url: str, meta: ObjectMeta) -> RemoteInfo:
@@ -161,9 +172,27 @@ class _Version:
         self.fetcher = fetcher
         self.scopes: list[trio.CancelScope] = []  # of the fetcher and of each fill
         self.stopped = False
-        self.filling = False
+        self.filling = False  # a whole-object fill runs
+        self.fill_done = False  # a whole-object fill ran (once per version)
         self.fill_queued = False  # waiting for its turn to be filled
-        self.verifying = False  # a digest check was started
+        self.verifying = False  # a digest check was started (once per version)
+        self.busy = 0  # background tasks working on it now (fill, digest check)
+        # block ranges (first, last) that reads wait for or read now: never evicted
+        self.reading: dict[int, tuple[int, int]] = {}
+        self._next_read = 0
+
+    def pin(self, first: int, last: int) -> int:
+        """Keep blocks ``first..last`` from eviction until ``unpin`` of the returned id."""
+        self._next_read += 1
+        self.reading[self._next_read] = (first, last)
+        return self._next_read
+
+    def unpin(self, token: int) -> None:
+        self.reading.pop(token, None)
+
+    def pinned(self, first: int, last: int) -> bool:
+        """A read waits for or reads a block of ``first..last``."""
+        return any(a <= last and first <= b for a, b in self.reading.values())
 
     def stop(self) -> None:
         """Stop this version's fetcher and fill now; no block is written after this."""
@@ -192,9 +221,7 @@ class ObjectHandle:
         self._obj = obj
         self._version = version
         self.keep_cache = keep_cache
-        self._next_offset = -1  # where a sequential reader reads next
-        self._readahead = 0  # bytes of read-ahead, grows while reads stay sequential
-        self._preloaded_to = 0  # the cache file is being preloaded up to here
+        self._policy = ReadAhead(version.cache.size)
 
     async def read(self, offset: int, size: int) -> bytes:
         """Return the bytes [offset, offset+size) clamped at EOF (b"" at or past EOF).
@@ -212,65 +239,53 @@ class ObjectHandle:
         first, last = block_span(offset, end - offset, cache.block_size)
         # read-ahead and fill first: their flights start while this read waits for its own
         self._read_ahead(offset, end, last)
-        if cache.bitmap.first_clear(first, last + 1) is not None:
-            with trio.move_on_after(obj.store.config.read_timeout) as scope:
-                await version.fetcher.fetch(first, last)
-            if scope.cancelled_caught:
-                raise ReadTimeout(
-                    f"{obj.name} [{offset}:{end - 1}]: no data after "
-                    f"{obj.store.config.read_timeout:g} s"
-                )
-            obj.check_generation(version)
-            if cache.complete():  # the reads themselves completed it: verify it now
-                obj.start_verify(version)
-        data = await cache.read_at_async(offset, end - offset)
+        token = version.pin(first, last)  # none of its blocks is evicted until it is done
+        try:
+            if cache.bitmap.first_clear(first, last + 1) is not None:
+                with trio.move_on_after(obj.store.config.read_timeout) as scope:
+                    await version.fetcher.fetch(first, last)
+                if scope.cancelled_caught:
+                    raise ReadTimeout(
+                        f"{obj.name} [{offset}:{end - 1}]: no data after "
+                        f"{obj.store.config.read_timeout:g} s"
+                    )
+                obj.check_generation(version)
+                if cache.complete():  # the reads themselves completed it: verify it now
+                    obj.start_verify(version)
+            else:
+                obj.store.budget.touched(obj.key, first, last)
+            data = await cache.read_at_async(offset, end - offset)
+        finally:
+            version.unpin(token)
         obj.check_generation(version)  # the disk read may have overlapped a version change
         return data
 
     def _read_ahead(self, offset: int, end: int, last: int) -> None:
-        """Grow read-ahead while reads are sequential; start background flights for it.
-
-        The second sequential read of a handle also starts the object's background fill
-        under ``--prefetch open``: a random reader fetches only the blocks it reads."""
-        starts_at_zero = offset == 0 and self._next_offset < 0
-        if offset == self._next_offset:
-            self._readahead = min(MAX_READAHEAD, max(2 * self._readahead, FIRST_READAHEAD))
-        else:
-            self._readahead = 0
-            self._preloaded_to = 0
-        self._next_offset = end
+        """Act on the read-ahead policy (``readahead.py``) for a read of ``[offset, end)``
+        ending in block ``last``: preload the cache file, and for a sequential reader
+        start the object's whole fill (``--prefetch open``, when it fits the budget) or
+        else background read-ahead past the read. No await."""
+        plan = self._policy.on_read(offset, end)
         version = self._version
-        # the cache file: bring what this reader reads next into the page cache, well
-        # ahead (the kernel's own read-ahead of one sequential stream gave 0.5-0.7 GB/s
-        # here; cache.preload 1.4-2.1 GB/s). cp, cat and sha256sum begin with a read at
-        # offset 0: a little is preloaded before the reads show a pattern (16 MiB of disk
-        # reads for a random reader that starts there; nothing for blocks not cached).
-        if starts_at_zero:
-            self._preload(end, end + FIRST_PRELOAD)
-        if not self._readahead:
-            return
-        if self._preloaded_to < end + CACHE_READAHEAD // 2:
-            self._preload(max(end, self._preloaded_to), end + CACHE_READAHEAD)
-        if version.filling:
+        if plan.preload is not None:
+            start, stop = plan.preload
+            self._obj.store.tasks.start(
+                f"preload of {self._obj.name}", version.cache.preload, start, stop - start
+            )
+        if not plan.sequential or version.filling:
             return
         if self._obj.store.config.prefetch is Prefetch.OPEN:
             self._obj.start_fill(version)
             if version.filling:
                 return
         bs = version.cache.block_size
-        version.fetcher.prefetch(last + 1, last + self._readahead // bs)
-
-    def _preload(self, start: int, stop: int) -> None:
-        """Preload ``[start, stop)`` of the cache file (clamped at its end) in the store's
-        nursery; the handle's preload then reaches ``stop``."""
-        cache = self._version.cache
-        self._preloaded_to = min(cache.size, stop)
-        if self._preloaded_to > start:
-            self._obj.store.nursery.start_soon(cache.preload, start, self._preloaded_to - start)
+        version.fetcher.prefetch(last + 1, last + plan.readahead // bs)
 
     def release(self) -> None:
         """The file handle was closed."""
         self._obj.opened -= 1
+        if self._obj.opened == 0:
+            self._obj.store.idle(self._obj)
 
 
 class MountedObject:
@@ -294,6 +309,8 @@ class MountedObject:
         self._keep_cache = True  # False once after a version change
         self._verified: str | None = None  # "ok" / "mismatch" once a digest was checked
         self._failed: RangefsError | None = None  # a digest mismatch: reads fail
+        # the last version's info and (bytes, blocks) cached, once its idle cache was closed
+        self._closed: tuple[RemoteInfo, int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -378,11 +395,18 @@ class MountedObject:
             self._meta_loaded = True
             self.store.cachedir.save_meta(self.key, meta)
 
+    def _cached(self) -> tuple[int, int]:
+        """(bytes, blocks) of the object in the local cache now, as far as this mount knows
+        (an object whose cache was never opened in this mount counts 0)."""
+        if self._version is not None:
+            return self._version.cache.cached_bytes_and_blocks()
+        if self._closed is not None:
+            return self._closed[1], self._closed[2]
+        return 0, 0
+
     def cached_bytes(self) -> int:
         """Bytes of the object that are in the local cache now (for st_blocks)."""
-        if self._version is None:
-            return 0
-        return self._version.cache.cached_bytes_and_blocks()[0]
+        return self._cached()[0]
 
     def expected_digest(self) -> Digest | None:
         """The digest from the URL list, else the server's."""
@@ -397,9 +421,7 @@ class MountedObject:
         bs = self.store.config.block_size
         if attrs is not None:
             total = math.ceil(attrs.size / bs)
-            cached = 0
-            if self._version is not None:
-                cached = self._version.cache.cached_bytes_and_blocks()[1]
+            cached = self._cached()[1]
             out["user.rangefs.size"] = str(attrs.size).encode()
             out["user.rangefs.blocks_total"] = str(total).encode()
             out["user.rangefs.blocks_cached"] = str(cached).encode()
@@ -431,7 +453,7 @@ class MountedObject:
             meta = self._remembered()
             if meta is not None and (self.entry.size is None or self.entry.size == meta.size):
                 self._info = _info_from_meta(self.entry.url, meta)
-                self.store.nursery.start_soon(self._revalidate)
+                self._start_revalidation()
             else:
                 await self.probe()
         assert self._info is not None
@@ -447,25 +469,32 @@ class MountedObject:
             last_modified=info.last_modified,
         )
         directory = self.store.cachedir.object_dir(self.key)
+        budget = self.store.budget
         if self._version is None:
-            async with self.store.room_lock:  # no eviction between the check and the open
-                await self.store.make_room(self, info.size)
-                # a worker thread: reserving a new object's space (fallocate, fsync of the
-                # file and its directory) took 86 ms for 40 GiB here, and every other
-                # reader of the mount would wait that long. Not abandoned on cancellation:
-                # the opened cache is owned by the version below before the next
-                # checkpoint. The open lock keeps eviction away from this directory.
-                cache = await trio.to_thread.run_sync(
-                    functools.partial(
-                        LocalDownloadCache.open, directory, identity,
-                        flush_interval=FLUSH_INTERVAL,
-                    )
+            # a worker thread: creating the files and their directory (fsyncs), and the
+            # extents that hold blocks (one step per extent), would hold every other
+            # reader of the mount. Not abandoned on cancellation: the opened cache is
+            # owned by the version below before the next checkpoint. The open lock keeps
+            # the evictor away from this directory. The data file is sparse: a mount
+            # caches blocks, not objects, so an object larger than the disk opens.
+            def open_cache() -> tuple[LocalDownloadCache, list[int]]:
+                cache = LocalDownloadCache.open(
+                    directory, identity, flush_interval=FLUSH_INTERVAL, reserve=False
                 )
-                self.store.account(self, info.size)
+                return cache, budget.extents_with_blocks(cache.bitmap)
+
+            cache, extents = await trio.to_thread.run_sync(open_cache)
+            budget.opened(self.key, extents, cache.bitmap.count_set() * config.block_size)
+            cache.stored_listener = functools.partial(self.store.stored, self.key)
         else:
             cache = self._version.cache
             cache.invalidate(identity)
-            self.store.account(self, info.size)
+            budget.drop(self.key)
+            budget.opened(self.key, [], 0)
+        # a cache closed while idle and opened again: the same version keeps its digest check
+        closed, self._closed = self._closed, None
+        if closed is None or not _same_version(closed[0], info):
+            self._verified = None
         self._generation += 1
         fetcher = ObjectFetcher(
             cache,
@@ -479,8 +508,10 @@ class MountedObject:
         version = _Version(self._generation, info, cache, fetcher)
         self._version = version
         self.store._active[self.key] = self
-        self._verified = None
-        await self.store.nursery.start(version.run_fetcher)
+        await self.store.tasks.start_and_wait(
+            f"fetcher of {self.name}", version.run_fetcher,
+            on_error=lambda exc: self._fetcher_failed(version),
+        )
         if cache.complete():
             self.start_verify(version)
         return version
@@ -494,10 +525,40 @@ class MountedObject:
 
     def _on_remote_changed(self, exc: RemoteChanged) -> None:
         self._validated = False
-        self.store.nursery.start_soon(self._revalidate)
+        self._start_revalidation()
+
+    def _fetcher_failed(self, version: _Version) -> None:
+        """The fetcher of ``version`` died (a bug, logged): drop the version; its handles
+        fail their reads, the next open starts afresh."""
+        if self._version is version:
+            self._drop_version(RuntimeError("fetcher failed"))
+
+    def _start_revalidation(self) -> None:
+        self.store.tasks.start(
+            f"revalidation of {self.name}", self._revalidate, on_error=self._drop_version
+        )
+
+    def _drop_version(self, exc: BaseException) -> None:
+        """Background work on the current version failed in a way that leaves its cache in
+        doubt (e.g. the new version's cache could not be set up): stop and close it. Open
+        handles of it fail their reads (RemoteChanged: reopen); the next open starts
+        afresh. Trio thread; no await."""
+        version = self._version
+        if version is None:
+            return
+        version.stop()
+        self._version = None
+        self.store._active.pop(self.key, None)
+        self.store.budget.closed(self.key, version.cache.bitmap.cached_bytes())
+        try:
+            version.cache.close()
+        except RangefsError as close_exc:
+            contain(f"closing the cache of {self.name}", close_exc)
 
     async def _revalidate(self) -> None:
-        """Probe again; switch to the new version if the remote changed. Never raises."""
+        """Probe again; switch to the new version if the remote changed. A failure of the
+        probe is logged and the cache served; any other failure (setting up the new
+        version's cache) is left to the task's error boundary (``_drop_version``)."""
         try:
             self._validated = False
             info = await self.probe()
@@ -520,17 +581,66 @@ class MountedObject:
             self.store.invalidate_kernel_cache(self)
             await self._start_version(info)
 
-    def evict(self) -> bool:
-        """Close the cache of an object nobody has open, so its directory can go."""
+    def in_use(self) -> bool:
+        """Open by a handle, being opened, or filled in the background."""
         version = self._version
-        if self.opened > 0 or (self._open_lock_ is not None and self._open_lock_.locked()):
+        return (
+            self.opened > 0
+            or (self._open_lock_ is not None and self._open_lock_.locked())
+            or (version is not None and version.busy > 0)
+        )
+
+    async def close_idle(self) -> bool:
+        """Close the cache of an object not in use (``in_use``): stop its fetcher (a queued
+        fill is dropped), persist its index in a worker thread, close its files. False if
+        it is in use (now, or again once the flush is done). The next open re-opens it."""
+        version = self._version
+        if version is None or self.in_use():
+            return version is None
+        version.stop()
+        await version.cache.flush()
+        if self._version is not version or self.in_use():
+            # opened again meanwhile: it gets a fresh version (the stopped one is dropped)
+            if self._version is version:
+                self._version = None
+                self.store._active.pop(self.key, None)
+                self.store.budget.closed(self.key, version.cache.bitmap.cached_bytes())
+                version.cache.close()
             return False
-        if version is not None:
-            version.stop()
-            version.cache.close()
-            self._version = None
-            self.store._active.pop(self.key, None)
+        self._version = None
+        self.store._active.pop(self.key, None)
+        self._closed = (version.info, *version.cache.cached_bytes_and_blocks())
+        self.store.budget.closed(self.key, self._closed[1])
+        version.cache.close()
         return True
+
+    def closed_while_idle(self, version: _Version) -> bool:
+        """``version`` was current when its cache was closed for being idle, and the
+        object has not been opened again since."""
+        closed = self._closed
+        return (self._version is None and closed is not None
+                and _same_version(closed[0], version.info))
+
+    async def _fill_reopened(self) -> None:
+        """A queued fill's turn came after its cache was closed: open it and fill it. The
+        caller counted the fill in ``store.fills``; this gives it back."""
+        try:
+            async with self._open_lock:
+                version = await self._ensure_version()
+        except BaseException:
+            self.store.fill_ended()
+            raise
+        if (version.filling or version.fill_done or version.cache.complete()
+                or not self.store.budget.fits(version.info.size)):
+            self.store.fill_ended()
+            self.store.idle(self)
+            return
+        version.filling = True
+        await self._fill(version)
+
+    def forget_closed(self) -> None:
+        """The closed cache's directory was evicted: nothing of it is cached any more."""
+        self._closed = None
 
     async def fill_completely(self) -> None:
         """Open the object's cache and fill it now (policy 'all'); verify when complete."""
@@ -538,36 +648,64 @@ class MountedObject:
             version = await self._ensure_version()
         if version.cache.complete():
             await self._verify(version)
+        elif not self.store.budget.fits(version.info.size):
+            log.info("%s: not prefetched: the object (%d bytes) does not fit the cache "
+                     "budget (%d bytes now)", self.name, version.info.size,
+                     self.store.budget.limit())
         elif not version.filling:
             version.filling = True
-            self.store.fills_running += 1  # one fill at a time, this one included
+            self.store.fills.force()  # one fill at a time, this one included
             await self._fill(version)
 
     def start_fill(self, version: _Version) -> None:
         """Fill every outstanding block in the background, once per version: now if fewer
         than CONCURRENT_FILLS fills run, else when its turn comes (``filling`` stays False
         until then, so its readers keep their read-ahead). No await."""
-        if version.filling or version.stopped or version.cache.complete():
+        if version.filling or version.fill_done or version.stopped or version.cache.complete():
             return
         store = self.store
-        if store.fills_running >= CONCURRENT_FILLS:
+        if not store.budget.fits(version.info.size):
+            version.fill_done = True  # once per version: its readers get read-ahead
+            log.info(
+                "%s: not filling it whole: the object (%d bytes) does not fit the cache "
+                "budget (%d bytes now); readers get read-ahead", self.name, version.info.size,
+                store.budget.limit(),
+            )
+            return
+        if not store.fills.admit():  # _fill gives the admission back, whatever happens
             if not version.fill_queued:
                 version.fill_queued = True
-                store.fills_waiting.append((self, version))
+                store.fills.wait((self, version))
             return
         version.filling = True
-        store.fills_running += 1  # _fill gives it back, whatever happens
-        store.nursery.start_soon(self._fill, version)
+        store.tasks.start(f"fill of {self.name}", self._fill, version,
+                          on_error=lambda exc: self._fill_failed(version))
 
     def start_verify(self, version: _Version) -> None:
         """Check the digest of a complete version in the background, once."""
         if not version.verifying and self.expected_digest() is not None:
             version.verifying = True
-            self.store.nursery.start_soon(self._verify, version)
+            self.store.tasks.start(f"digest check of {self.name}", self._verify, version,
+                                   on_error=lambda exc: self._verify_failed(version))
+
+    def _fill_failed(self, version: _Version) -> None:
+        version.filling = False  # a later sequential read may start it again
+        version.fill_done = False
+
+    def _verify_failed(self, version: _Version) -> None:
+        version.verifying = False  # checked again at the next open of the complete object
 
     async def _fill(self, version: _Version) -> None:
-        """Fill ``version``; the caller counted it in ``store.fills_running``, which this
+        """Fill ``version``; the caller counted it in ``store.fills``, which this
         gives back (and so lets the next waiting fill start), whatever happens."""
+        version.busy += 1
+        try:
+            await self._fill_counted(version)
+        finally:
+            version.busy -= 1
+            self.store.idle(self)
+
+    async def _fill_counted(self, version: _Version) -> None:
         try:
             with version.new_scope():
                 await version.fetcher.fill(self.store.config.concurrency)
@@ -577,13 +715,26 @@ class MountedObject:
             return
         finally:
             self.store.fill_ended()
+        version.filling = False
+        version.fill_done = True
         if version.cache.complete() and self._version is version:
             self.start_verify(version)
 
     async def _verify(self, version: _Version) -> None:
         """Hash a complete object once; a mismatch drops the cache and fails reads."""
+        version.busy += 1
+        try:
+            await self._verify_counted(version)
+        finally:
+            version.busy -= 1
+            self.store.idle(self)
+
+    async def _verify_counted(self, version: _Version) -> None:
         digest = self.expected_digest()
         if digest is None or self._verified is not None:
+            return
+        if not version.cache.complete():  # evicted meanwhile: checked when complete again
+            version.verifying = False
             return
         await version.cache.flush()
         data_path = self.store.cachedir.object_dir(self.key) / "data"
@@ -608,10 +759,8 @@ class ObjectStore:
         self.config = config
         self.started = time.time()
         self.limiter = Limiter(bytes_per_second=config.max_rate)
-        self.fills_running = 0  # whole-object fills started by MountedObject.start_fill
-        self.fills_waiting: collections.deque[tuple[MountedObject, _Version]] = (
-            collections.deque()
-        )
+        # whole-object fills: running (start_fill, fill_completely) and waiting
+        self.fills: FillQueue[tuple[MountedObject, _Version]] = FillQueue(CONCURRENT_FILLS)
         self.demand_slots = trio.CapacityLimiter(
             max(4, DEMAND_SLOTS_PER_FILL_SLOT * config.concurrency)
         )
@@ -619,9 +768,9 @@ class ObjectStore:
         self.probe_slots = trio.CapacityLimiter(max(1, config.probe_concurrency))
         self._objects: dict[str, MountedObject] = {}
         self._by_entry: dict[Entry, MountedObject] = {}
-        # --cache-size: bytes per object directory, built by the first make_room
-        self._usage: UsageTable | None = None
-        self.room_lock = trio.Lock()
+        self._budget: Budget | None = None
+        self._budget_loaded = False  # the caches on disk were scanned (evictor start)
+        self._evict_now = trio.Event()
         # the objects with an open cache (the flusher looks at these only, many times a
         # second: a list of 100k URLs must not cost 100k checks per tick)
         self._active: dict[str, MountedObject] = {}
@@ -634,6 +783,10 @@ class ObjectStore:
         self._cachedir: CacheDir | None = None
         self._session: HttpSession | None = None
         self._nursery: trio.Nursery | None = None
+        self._tasks: Tasks | None = None
+        # objects with an open cache that nobody uses, oldest first: key -> since when
+        self._idle: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._idle_overflow = trio.Event()
         # set by the FUSE layer: drops the kernel's cached pages of an object
         self.kernel_invalidator: Callable[[MountedObject], None] | None = None
 
@@ -652,6 +805,145 @@ class ObjectStore:
         assert self._nursery is not None, "ObjectStore.run() is not running"
         return self._nursery
 
+    @property
+    def budget(self) -> Budget:
+        """The space books of the cache directory (see ``budget.py``)."""
+        assert self._budget is not None, "ObjectStore.run() is not running"
+        return self._budget
+
+    def stored(self, key: str, first: int, count: int) -> None:
+        """A cache stored ``count`` blocks from ``first`` (its ``stored_listener``)."""
+        budget = self.budget
+        budget.stored(key, first, count)
+        if budget.used > budget.high_water():
+            self._evict_now.set()
+
+    async def _evictor(self) -> None:
+        """Keep the cache within its budget (``budget.py``): scan the caches on disk once
+        (a worker thread), then evict whenever the books go over the high-water mark (woken
+        by ``stored``, and checked every IDLE_CHECK_PERIOD for a shrinking disk)."""
+        budget = self.budget
+        budget.load_closed(await trio.to_thread.run_sync(self.cachedir.usage))
+        self._budget_loaded = True
+        stuck = False
+        while True:
+            if budget.over():
+                freed = await self._evict_down()
+                if not freed and not stuck:
+                    log.warning(
+                        "the cache holds %d bytes, over its budget of %d, and nothing can be "
+                        "evicted now (every cached block is being read, filled or checked)",
+                        budget.used, budget.limit(),
+                    )
+                stuck = not freed
+            with trio.move_on_after(IDLE_CHECK_PERIOD):
+                await self._evict_now.wait()
+            self._evict_now = trio.Event()
+
+    async def _evict_down(self) -> int:
+        """Evict in LRU order until the books are at the low-water mark; bytes freed."""
+        budget = self.budget
+        freed = 0
+        skipped = 0
+        while budget.used > budget.low_water():
+            victim = budget.oldest(budget.used - budget.low_water())
+            if victim is None or skipped > budget.held_extents() + 1:
+                break
+            if not victim.extents:
+                obj = self._objects.get(victim.key)
+                if obj is not None and obj._version is not None:
+                    budget.drop(victim.key)  # reopened meanwhile: its extents are counted
+                    budget.opened(victim.key, [], 0)
+                    continue
+                before = budget.used
+                await trio.to_thread.run_sync(self.cachedir.remove, victim.key)
+                budget.removed(victim.key)
+                if obj is not None:
+                    obj.forget_closed()
+                freed += before - budget.used
+                continue
+            n = await self._evict_extents(victim)
+            if n < 0:
+                skipped += len(victim.extents)
+            freed += max(0, n)
+        return freed
+
+    async def _evict_extents(self, victim: Victim) -> int:
+        """Evict ``victim``'s extents that no read and no background task needs; bytes
+        freed, or -1 when all of them had to be skipped (counted as used now)."""
+        budget = self.budget
+        obj = self._objects.get(victim.key)
+        version = obj._version if obj is not None else None
+        if version is None or version.stopped:
+            budget.drop(victim.key)
+            return 0
+        if version.busy > 0 or (obj is not None and obj._open_lock_ is not None
+                                and obj._open_lock_.locked()):
+            budget.skip(victim.key, victim.extents)
+            return -1
+        runs, evictable, busy = [], [], []
+        for extent in victim.extents:
+            first, last = budget.extent_blocks_range(extent)
+            if version.pinned(first, last):
+                busy.append(extent)
+            else:
+                runs.append((first, last))
+                evictable.append(extent)
+        budget.skip(victim.key, busy)
+        if not runs:
+            return -1
+        before = budget.used
+        try:
+            blocks = await version.cache.evict(runs)
+        except RangefsError as exc:
+            contain(f"eviction from {obj.name if obj else victim.key}", exc)
+            budget.skip(victim.key, evictable)
+            return -1
+        # an extent a fetch stored into again while its eviction was written out keeps
+        # those blocks (they were not punched): it stays in the books
+        bitmap = version.cache.bitmap
+        gone = [e for e in evictable
+                if bitmap.first_set(*_span(budget.extent_blocks_range(e))) is None]
+        budget.evicted(victim.key, gone, blocks)
+        return before - budget.used
+
+    @property
+    def tasks(self) -> Tasks:
+        """The starter of every background task of the store (named, contained)."""
+        assert self._tasks is not None, "ObjectStore.run() is not running"
+        return self._tasks
+
+    def idle(self, obj: MountedObject) -> None:
+        """``obj`` may have become unused (a handle closed, a fill or check ended): its
+        cache is closed after IDLE_GRACE seconds, or sooner when too many are idle. No
+        await; call from the trio thread."""
+        if obj._version is None or obj.in_use():
+            return
+        self._idle[obj.key] = trio.current_time()
+        self._idle.move_to_end(obj.key)
+        if len(self._idle) > MAX_IDLE_CACHES:
+            self._idle_overflow.set()
+
+    async def _idle_closer(self) -> None:
+        """Close the caches of unused objects: those idle for IDLE_GRACE seconds, and the
+        oldest beyond MAX_IDLE_CACHES at once. A failure to close one is logged and the
+        others go on."""
+        while True:
+            with trio.move_on_after(IDLE_CHECK_PERIOD):
+                await self._idle_overflow.wait()
+            self._idle_overflow = trio.Event()
+            now = trio.current_time()
+            while self._idle:
+                key, since = next(iter(self._idle.items()))
+                if now - since < IDLE_GRACE and len(self._idle) <= MAX_IDLE_CACHES:
+                    break
+                del self._idle[key]
+                obj = self._objects[key]
+                try:
+                    await obj.close_idle()
+                except RangefsError as exc:
+                    contain(f"closing the idle cache of {obj.name}", exc)
+
     def get(self, entry: Entry) -> MountedObject:
         """The object for an entry of the list."""
         return self._by_entry[entry]
@@ -660,52 +952,10 @@ class ObjectStore:
         """Every object, once each."""
         return list(self._objects.values())
 
-    async def make_room(self, obj: MountedObject, size: int) -> None:
-        """Keep the cache directory within --cache-size: evict least recently used objects
-        that nobody has open until ``size`` more bytes fit. NotEnoughSpace if they can't.
-
-        The caller holds ``room_lock`` until it has accounted its object (``account``).
-        The directories are scanned once per mount, in a worker thread (0.37 s for 10,000
-        here, which every first open paid on the event loop before); from then on the
-        table is kept in memory. Evicted directories are removed in a worker thread."""
-        budget = self.config.cache_size
-        if budget is None:
-            return
-        if size > budget:
-            raise NotEnoughSpace(
-                f"{obj.name} has {size} bytes, more than --cache-size {budget}; raise it"
-            )
-        if self._usage is None:
-            self._usage = UsageTable(await trio.to_thread.run_sync(self.cachedir.usage))
-        usage = self._usage
-        total = usage.total - usage.bytes_of(obj.key)
-        for key in usage.oldest_first():
-            if total + size <= budget:
-                return
-            if key == obj.key:
-                continue
-            other = self._objects.get(key)
-            if other is not None and not other.evict():
-                continue
-            await trio.to_thread.run_sync(self.cachedir.remove, key)
-            total -= usage.pop(key)
-        if total + size > budget:
-            raise NotEnoughSpace(
-                f"{obj.name}: {size} bytes do not fit in --cache-size {budget} next to the "
-                "objects that are open; raise it or close files"
-            )
-
-    def account(self, obj: MountedObject, size: int) -> None:
-        """``obj`` now has a cache of an object of ``size`` bytes (its space is reserved
-        up front): count that many bytes for it, as its most recent use."""
-        if self._usage is not None:
-            self._usage.set(obj.key, size)
-
     def touch(self, obj: MountedObject) -> None:
         """``obj`` was opened: it goes last in the eviction order (on disk and in memory)."""
+        self._idle.pop(obj.key, None)
         self.cachedir.touch(obj.key)
-        if self._usage is not None:
-            self._usage.touch(obj.key)
 
     def invalidate_kernel_cache(self, obj: MountedObject) -> None:
         """Hook for the FUSE layer: drop the kernel's pages of ``obj`` (set by ops)."""
@@ -720,22 +970,31 @@ class ObjectStore:
         Raises CacheLocked/UsageError when the cache directory is unusable (before started()).
         """
         self._cachedir = CacheDir.open(self.config.cache_dir)
+        self._budget = Budget(
+            self._cachedir.root, self.config.block_size, self.config.cache_size,
+            self.config.cache_min_free,
+        )
         try:
             async with HttpSession(self.config.http) as session:
                 self._session = session
                 try:
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
-                        nursery.start_soon(self._flusher)
-                        nursery.start_soon(self._meta_saver)
+                        tasks = self._tasks = Tasks(nursery)
+                        tasks.start("index flusher", flush_periodically, self._caches)
+                        tasks.start("metadata saver", save_metadata_periodically,
+                                    self._cachedir)
+                        tasks.start("idle cache closer", self._idle_closer)
+                        tasks.start("evictor", self._evictor)
                         if self.config.prefetch is Prefetch.ALL:
-                            nursery.start_soon(self._prefetch_all)
+                            tasks.start("prefetch of every object", self._prefetch_all)
                         elif self.config.probe_at_mount:
-                            nursery.start_soon(self._probe_all)
+                            tasks.start("probes at mount", self._probe_all)
                         task_status.started()
                         await trio.sleep_forever()
                 finally:
                     self._nursery = None
+                    self._tasks = None
                     with trio.CancelScope(shield=True):
                         await self._close_caches()
         finally:
@@ -744,49 +1003,6 @@ class ObjectStore:
 
     def _caches(self) -> list[LocalDownloadCache]:
         return [o._version.cache for o in self._active.values() if o._version is not None]
-
-    async def _flusher(self) -> None:
-        """Persist indexes in batches: several times a second, only caches that need it.
-
-        A cache whose flush failed (a full disk: the index cannot be written; its blocks
-        stay unclaimed, and are served meanwhile) is retried after FLUSH_RETRY_MIN seconds,
-        doubling up to FLUSH_RETRY_MAX, with one log line per failure.
-        """
-        retry: dict[LocalDownloadCache, tuple[float, float]] = {}  # cache -> (when, delay)
-        while True:
-            await trio.sleep(FLUSH_PERIOD)
-            now = trio.current_time()
-            for cache in self._caches():
-                when, delay = retry.get(cache, (0.0, 0.0))
-                if now < when or not cache.needs_flush():
-                    continue
-                try:
-                    await cache.flush()
-                except RangefsError as exc:
-                    delay = min(FLUSH_RETRY_MAX, max(FLUSH_RETRY_MIN, 2 * delay))
-                    retry[cache] = (trio.current_time() + delay, delay)
-                    log.error("cannot persist the cache index (retrying in %g s): %s",
-                              delay, exc)
-                else:
-                    if retry.pop(cache, None) is not None:
-                        log.info("%s: the cache index is persisted again", cache.directory)
-            for cache in [c for c in retry if c.closed]:
-                del retry[cache]
-
-    async def _meta_saver(self) -> None:
-        """Save the metadata table when it changed, at most every META_SAVE_PERIOD seconds,
-        serialised and written in a worker thread (CacheDir.close saves the last state)."""
-        while True:
-            await trio.sleep(META_SAVE_PERIOD)
-            table = self.cachedir.meta_snapshot()
-            if table is None:
-                continue
-            try:
-                await trio.to_thread.run_sync(write_meta_table, self.cachedir.root, table)
-            except OSError as exc:
-                self.cachedir.meta_changed()  # try again next period, and at close
-                log.warning("cannot save the metadata table (sizes will be probed again on "
-                            "the next mount): %s", exc)
 
     async def _close_caches(self) -> None:
         for cache in self._caches():
@@ -813,6 +1029,8 @@ class ObjectStore:
                         await obj.probe()
                     except RangefsError as exc:
                         log.info("%s: probe at mount failed: %s", obj.name, exc)
+                    except Exception as exc:  # a bug: logged, the other probes go on
+                        contain(f"probe of {obj.name}", exc)
 
         async with trio.open_nursery() as nursery:
             async with receive:
@@ -826,20 +1044,38 @@ class ObjectStore:
                     elif i % 1024 == 0:
                         await trio.lowlevel.checkpoint()
 
+    @property
+    def fills_running(self) -> int:
+        """Whole-object fills running now."""
+        return self.fills.running
+
+    @property
+    def fills_waiting(self) -> collections.deque[tuple[MountedObject, _Version]]:
+        """Whole-object fills waiting for their turn, in order."""
+        return self.fills.waiting
+
     def fill_ended(self) -> None:
-        """A fill started by ``start_fill`` is over: start the next one waiting whose
-        version is still current. No await."""
-        self.fills_running -= 1
-        while self.fills_waiting and self.fills_running < CONCURRENT_FILLS:
-            obj, version = self.fills_waiting.popleft()
-            version.fill_queued = False
-            if obj._version is version and self._nursery is not None:
-                obj.start_fill(version)
+        """A fill counted in ``fills`` is over: start the next ones waiting whose version
+        is still current. No await."""
+        self.fills.ended(self._start_waiting_fill)
+
+    def _start_waiting_fill(self, item: tuple[MountedObject, _Version]) -> None:
+        obj, version = item
+        version.fill_queued = False
+        if self._nursery is None:
+            return
+        if obj._version is version:
+            obj.start_fill(version)
+        elif obj.closed_while_idle(version):
+            # its cache was closed while it waited (nobody had it open): open it again
+            # for its turn, so that waiting fills hold no descriptors
+            self.fills.force()  # _fill_reopened gives it back
+            self.tasks.start(f"fill of {obj.name}", obj._fill_reopened)
 
     async def _prefetch_all(self) -> None:
         """Policy 'all': open and fill every object of the list, one after another."""
         for obj in self.objects():
             try:
                 await obj.fill_completely()
-            except RangefsError as exc:
-                log.warning("%s: prefetch failed: %s", obj.name, exc)
+            except Exception as exc:  # one object's failure never stops the others'
+                contain(f"prefetch of {obj.name}", exc)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -231,8 +231,10 @@ def start_mount(
     env: Mapping[str, str] | None = None,
     stdin: bytes | None = None,
     log_path: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Mount:
-    """Start ``rangefs mount --foreground -v ARGS URLLIST MOUNTPOINT`` (does not wait)."""
+    """Start ``rangefs mount --foreground -v ARGS URLLIST MOUNTPOINT`` (does not wait).
+    ``preexec_fn`` runs in the child before rangefs (e.g. to lower its resource limits)."""
     require_fuse()
     mountpoint.mkdir(parents=True, exist_ok=True)
     stderr_path = log_path or mountpoint.parent / f"{mountpoint.name}.stderr"
@@ -247,6 +249,7 @@ def start_mount(
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=err,
             stderr=err,
+            preexec_fn=preexec_fn,
         )
     if stdin is not None:
         assert process.stdin is not None
@@ -265,11 +268,15 @@ def mounted(
     stdin: bytes | None = None,
     check_log: bool = True,
     warnings_ok: bool = False,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[Mount]:
     """A live mount for the ``with`` body; always unmounted and reaped afterwards. When the
     body succeeds, the log is checked (``check_log``): no bug report ever, and no warning
     unless ``warnings_ok``."""
-    mount = start_mount(urllist, mountpoint, *args, cache_dir=cache_dir, env=env, stdin=stdin)
+    mount = start_mount(
+        urllist, mountpoint, *args, cache_dir=cache_dir, env=env, stdin=stdin,
+        preexec_fn=preexec_fn,
+    )
     try:
         mount.wait_mounted()
         yield mount
