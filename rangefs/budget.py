@@ -236,6 +236,11 @@ class Budget:
         for extent in self._extents_of.pop(key, ()):
             self._extents.pop((key, extent), None)
 
+    def forget_closed(self, key: str) -> None:
+        """``key``'s closed-cache entry is stale (it was opened again): drop it."""
+        nbytes, _ = self._closed.pop(key, (0, 0.0))
+        self.used -= nbytes
+
     def removed(self, key: str) -> None:
         """``key``'s closed cache directory was removed."""
         nbytes, _ = self._closed.pop(key, (0, 0.0))

@@ -19,11 +19,11 @@ One ``MountedObject`` per cache key (entries naming the same URL share it). Its 
 The store owns every task (probes, fetchers, fills, preloads, digest checks, the index
 flusher, the metadata saver, the idle closer, the evictor), started through
 ``tasks.Tasks`` (named, contained), and flushes every cache, shielded, when it is
-cancelled. It keeps the cache within its budget (``budget.py`` keeps the books): it
-evicts in LRU order, never blocks that a read waits for or reads (``_Version.pin``), nor
-an object being filled or checked. Policies live beside it: read-ahead in
-``readahead.py``, flush and fill scheduling in ``scheduler.py``. Everything here runs on
-the trio thread.
+cancelled. Its objects tell the evictor (``evictor.py``, acting on the books of
+``budget.py``) what it may not evict: blocks that a read waits for or reads
+(``_Version.pin``), objects being opened, filled or checked. Policies live beside it:
+read-ahead in ``readahead.py``, flush and fill scheduling in ``scheduler.py``. Everything
+here runs on the trio thread.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pathlib import Path
 import trio
 import trio.lowlevel
 
-from .budget import Budget, MinFree, Victim
+from .budget import Budget, MinFree
 from .cache import LocalDownloadCache
 from .cachedir import CacheDir, ObjectMeta, cache_key
 from .cachefiles import ObjectIdentity
@@ -55,6 +55,7 @@ from .errors import (
     RetriesExhausted,
     SourceError,
 )
+from .evictor import Evictor
 from .fetcher import ObjectFetcher, retry_transient
 from .ranges import block_span
 from .ratecontrol import BackoffPolicy, Limiter
@@ -614,6 +615,25 @@ class MountedObject:
         version.cache.close()
         return True
 
+    # -- what the evictor asks (evictor.Evictable) ---------------------------------------
+
+    def open_cache(self) -> LocalDownloadCache | None:
+        """The current version's cache, None if none is open or it is stopped."""
+        version = self._version
+        return None if version is None or version.stopped else version.cache
+
+    def working(self) -> bool:
+        """Being opened, filled or checked."""
+        version = self._version
+        return (version is not None and version.busy > 0) or (
+            self._open_lock_ is not None and self._open_lock_.locked()
+        )
+
+    def needs(self, first: int, last: int) -> bool:
+        """A read of the current version waits for or reads a block of ``first..last``."""
+        version = self._version
+        return version is not None and version.pinned(first, last)
+
     def closed_while_idle(self, version: _Version) -> bool:
         """``version`` was current when its cache was closed for being idle, and the
         object has not been opened again since."""
@@ -769,8 +789,7 @@ class ObjectStore:
         self._objects: dict[str, MountedObject] = {}
         self._by_entry: dict[Entry, MountedObject] = {}
         self._budget: Budget | None = None
-        self._budget_loaded = False  # the caches on disk were scanned (evictor start)
-        self._evict_now = trio.Event()
+        self._evictor: Evictor | None = None
         # the objects with an open cache (the flusher looks at these only, many times a
         # second: a list of 100k URLs must not cost 100k checks per tick)
         self._active: dict[str, MountedObject] = {}
@@ -815,97 +834,8 @@ class ObjectStore:
         """A cache stored ``count`` blocks from ``first`` (its ``stored_listener``)."""
         budget = self.budget
         budget.stored(key, first, count)
-        if budget.used > budget.high_water():
-            self._evict_now.set()
-
-    async def _evictor(self) -> None:
-        """Keep the cache within its budget (``budget.py``): scan the caches on disk once
-        (a worker thread), then evict whenever the books go over the high-water mark (woken
-        by ``stored``, and checked every IDLE_CHECK_PERIOD for a shrinking disk)."""
-        budget = self.budget
-        budget.load_closed(await trio.to_thread.run_sync(self.cachedir.usage))
-        self._budget_loaded = True
-        stuck = False
-        while True:
-            if budget.over():
-                freed = await self._evict_down()
-                if not freed and not stuck:
-                    log.warning(
-                        "the cache holds %d bytes, over its budget of %d, and nothing can be "
-                        "evicted now (every cached block is being read, filled or checked)",
-                        budget.used, budget.limit(),
-                    )
-                stuck = not freed
-            with trio.move_on_after(IDLE_CHECK_PERIOD):
-                await self._evict_now.wait()
-            self._evict_now = trio.Event()
-
-    async def _evict_down(self) -> int:
-        """Evict in LRU order until the books are at the low-water mark; bytes freed."""
-        budget = self.budget
-        freed = 0
-        skipped = 0
-        while budget.used > budget.low_water():
-            victim = budget.oldest(budget.used - budget.low_water())
-            if victim is None or skipped > budget.held_extents() + 1:
-                break
-            if not victim.extents:
-                obj = self._objects.get(victim.key)
-                if obj is not None and obj._version is not None:
-                    budget.drop(victim.key)  # reopened meanwhile: its extents are counted
-                    budget.opened(victim.key, [], 0)
-                    continue
-                before = budget.used
-                await trio.to_thread.run_sync(self.cachedir.remove, victim.key)
-                budget.removed(victim.key)
-                if obj is not None:
-                    obj.forget_closed()
-                freed += before - budget.used
-                continue
-            n = await self._evict_extents(victim)
-            if n < 0:
-                skipped += len(victim.extents)
-            freed += max(0, n)
-        return freed
-
-    async def _evict_extents(self, victim: Victim) -> int:
-        """Evict ``victim``'s extents that no read and no background task needs; bytes
-        freed, or -1 when all of them had to be skipped (counted as used now)."""
-        budget = self.budget
-        obj = self._objects.get(victim.key)
-        version = obj._version if obj is not None else None
-        if version is None or version.stopped:
-            budget.drop(victim.key)
-            return 0
-        if version.busy > 0 or (obj is not None and obj._open_lock_ is not None
-                                and obj._open_lock_.locked()):
-            budget.skip(victim.key, victim.extents)
-            return -1
-        runs, evictable, busy = [], [], []
-        for extent in victim.extents:
-            first, last = budget.extent_blocks_range(extent)
-            if version.pinned(first, last):
-                busy.append(extent)
-            else:
-                runs.append((first, last))
-                evictable.append(extent)
-        budget.skip(victim.key, busy)
-        if not runs:
-            return -1
-        before = budget.used
-        try:
-            blocks = await version.cache.evict(runs)
-        except RangefsError as exc:
-            contain(f"eviction from {obj.name if obj else victim.key}", exc)
-            budget.skip(victim.key, evictable)
-            return -1
-        # an extent a fetch stored into again while its eviction was written out keeps
-        # those blocks (they were not punched): it stays in the books
-        bitmap = version.cache.bitmap
-        gone = [e for e in evictable
-                if bitmap.first_set(*_span(budget.extent_blocks_range(e))) is None]
-        budget.evicted(victim.key, gone, blocks)
-        return before - budget.used
+        if budget.used > budget.high_water() and self._evictor is not None:
+            self._evictor.wake()
 
     @property
     def tasks(self) -> Tasks:
@@ -985,7 +915,9 @@ class ObjectStore:
                         tasks.start("metadata saver", save_metadata_periodically,
                                     self._cachedir)
                         tasks.start("idle cache closer", self._idle_closer)
-                        tasks.start("evictor", self._evictor)
+                        self._evictor = Evictor(self._budget, self._cachedir,
+                                                self._objects.get)
+                        tasks.start("evictor", self._evictor.run)
                         if self.config.prefetch is Prefetch.ALL:
                             tasks.start("prefetch of every object", self._prefetch_all)
                         elif self.config.probe_at_mount:
