@@ -29,12 +29,13 @@ here runs on the trio thread.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -715,41 +716,41 @@ class MountedObject:
     def _verify_failed(self, version: _Version) -> None:
         version.verifying = False  # checked again at the next open of the complete object
 
+    @contextlib.contextmanager
+    def _working_on(self, version: _Version) -> Iterator[None]:
+        """A background task works on ``version`` (it is neither evicted nor closed as
+        idle meanwhile); afterwards the object may be idle."""
+        version.busy += 1
+        try:
+            yield
+        finally:
+            version.busy -= 1
+            self.store.idle(self)
+
     async def _fill(self, version: _Version) -> None:
         """Fill ``version``; the caller counted it in ``store.fills``, which this
         gives back (and so lets the next waiting fill start), whatever happens."""
-        version.busy += 1
-        try:
-            await self._fill_counted(version)
-        finally:
-            version.busy -= 1
-            self.store.idle(self)
-
-    async def _fill_counted(self, version: _Version) -> None:
-        try:
-            with version.new_scope():
-                await version.fetcher.fill(self.store.config.concurrency)
-        except RangefsError as exc:
-            log.warning("%s: background fill stopped: %s", self.name, exc)
+        with self._working_on(version):
+            try:
+                with version.new_scope():
+                    await version.fetcher.fill(self.store.config.concurrency)
+            except RangefsError as exc:
+                log.warning("%s: background fill stopped: %s", self.name, exc)
+                version.filling = False
+                return
+            finally:
+                self.store.fill_ended()
             version.filling = False
-            return
-        finally:
-            self.store.fill_ended()
-        version.filling = False
-        version.fill_done = True
-        if version.cache.complete() and self._version is version:
-            self.start_verify(version)
+            version.fill_done = True
+            if version.cache.complete() and self._version is version:
+                self.start_verify(version)
 
     async def _verify(self, version: _Version) -> None:
         """Hash a complete object once; a mismatch drops the cache and fails reads."""
-        version.busy += 1
-        try:
-            await self._verify_counted(version)
-        finally:
-            version.busy -= 1
-            self.store.idle(self)
+        with self._working_on(version):
+            await self._verify_working(version)
 
-    async def _verify_counted(self, version: _Version) -> None:
+    async def _verify_working(self, version: _Version) -> None:
         digest = self.expected_digest()
         if digest is None or self._verified is not None:
             return
