@@ -22,6 +22,9 @@ def test_the_full_default_run_writes_latest(monkeypatch: pytest.MonkeyPatch) -> 
     ["--rate", "8m"],
     ["--big-size", "64"],
     ["--profile"],
+    ["--scenarios", "1,2,3,4,5,6,7"],
+    ["--scenarios", "8,9"],
+    ["--budget-read-s", "10"],
 ])
 def test_any_other_run_writes_partial(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RANGEFS_BENCH_ARGS", raising=False)
@@ -36,3 +39,21 @@ def test_extra_mount_options_make_a_partial_run(monkeypatch: pytest.MonkeyPatch)
 def test_an_explicit_output_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RANGEFS_BENCH_ARGS", raising=False)
     assert str(parse_args(["--scenarios", "7", "--output", "/tmp/x.md"]).output) == "/tmp/x.md"
+
+
+def test_the_default_runs_every_scenario_with_scenario_8_reading_for_30_s() -> None:
+    args = parse_args([])
+    assert args.scenarios == [str(n) for n in range(1, 10)]
+    assert args.budget_read_s is None  # main() makes it 30 s, 8 s with --quick
+    assert parse_args(["--scenarios", "8,9", "--budget-read-s", "5"]).budget_read_s == 5.0
+
+
+@pytest.mark.parametrize("argv", [
+    ["--scenarios", "10"],
+    ["--budget-read-s", "0"],
+    ["--budget-read-s", "x"],
+])
+def test_bad_scenario_arguments_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2

@@ -1,4 +1,4 @@
-"""``python -m tests.bench``: run the benchmark of issue 6 and write the table.
+"""``python -m tests.bench``: run the benchmark of issues 6 and 16 and write the table.
 
 See tests/bench/README.md. Needs root (apt-get, drop_caches, FUSE mounts).
 """
@@ -28,11 +28,13 @@ from .scenarios import (
     Ctx,
     Knobs,
     big_list,
+    budget_read,
     concurrent,
     huge_rss,
     random_reads,
     sequential,
     ttfb,
+    vast_random_reads,
 )
 from .system import drop_page_cache, ensure_tools, log, machine, tool_versions, wait_quiet
 
@@ -48,7 +50,11 @@ KEYS = {
     "5": ("s5_rss_huge_mib",),
     "6": ("s6_cold_s", "s6_remount_s"),
     "7": ("s7_mibps",),
+    "8": ("s8_budget_mibps", "s8_budget_gib", "s8_budget_cache_mib", "s8_budget_rss_mib",
+          "s8_free_mibps", "s8_free_gib", "s8_free_cache_mib", "s8_free_rss_mib"),
+    "9": ("s9_p50_ms", "s9_p99_ms", "s9_amp"),
 }
+SCENARIOS = [str(n) for n in range(1, 10)]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,7 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     " 1 with --quick")
     ap.add_argument("--quick", action="store_true",
                     help="small sizes (64 MiB, 8 x 16 MiB, 1,000 entries), 1 run")
-    ap.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="e.g. 1,3,4")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="e.g. 1,3,4")
     ap.add_argument("--peers", default=",".join(DEFAULT_PEERS),
                     help=f"comma-separated subset of {','.join(PEERS)}")
     ap.add_argument("--delay-ms", type=float, default=30.0, help="origin first-byte delay")
@@ -68,6 +74,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--big-size", default=None, help="scenario 1 object, MiB (256)")
     ap.add_argument("--huge-read-s", type=float, default=None,
                     help="scenario 5: read the 4 GiB object for at most this long (30 s)")
+    ap.add_argument("--budget-read-s", type=float, default=None,
+                    help="scenario 8: read the 100 GiB object for at most this long, with "
+                         "and without a 1 GiB cache budget (30 s; 8 s with --quick)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rangefs-bench"),
                     help="mount points, caches, downloads (on disk)")
     ap.add_argument("--origin-dir", type=Path, default=None,
@@ -86,12 +95,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if args.budget_read_s is not None and args.budget_read_s <= 0:
+        ap.error("--budget-read-s must be positive")
     for peer in args.peers:
         if peer not in PEERS:
             ap.error(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
     for s in args.scenarios:
         if s not in SUPPORTS:
-            ap.error(f"unknown scenario {s!r}; choose from 1-7")
+            ap.error(f"unknown scenario {s!r}; choose from 1-{SCENARIOS[-1]}")
     if args.runs is None:
         args.runs = 1 if args.quick else 3
     if args.output is None:
@@ -103,13 +114,14 @@ def is_full_run(args: argparse.Namespace) -> bool:
     """The run whose table the README shows: every scenario and peer, defaults, >= 3 runs.
     Any other run writes elsewhere, so that it never replaces that table."""
     return (
-        args.scenarios == [str(n) for n in range(1, 8)]
+        args.scenarios == SCENARIOS
         and args.peers == list(DEFAULT_PEERS)
         and args.runs >= 3
         and not args.quick
         and (args.delay_ms, args.rate, args.sendfile_chunk) == (30.0, "16m", "128k")
         and args.big_size is None
         and args.huge_read_s is None
+        and args.budget_read_s is None
         and not args.profile
         and not os.environ.get("RANGEFS_BENCH_ARGS")
     )
@@ -139,6 +151,10 @@ def one_run(ctx: Ctx, peers: list[str], scenarios: list[str]) -> dict[str, dict[
         steps.append(("6", "6", big_list))
     if "7" in scenarios:
         steps.append(("7", "7", concurrent))
+    if "8" in scenarios:
+        steps.append(("8", "8", budget_read))
+    if "9" in scenarios:
+        steps.append(("9", "9", vast_random_reads))
     for step, scenario, fn in steps:
         who = [p for p in peers if p in SUPPORTS[scenario] or (step == "seq" and p in
                SUPPORTS["5"] and "5" in scenarios)]
@@ -201,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     knobs = Knobs(delay_s=args.delay_ms / 1000, rate=args.rate, runs=args.runs,
                   quick=args.quick,
                   huge_read_s=args.huge_read_s or (8.0 if args.quick else 30.0),
+                  budget_read_s=args.budget_read_s or (8.0 if args.quick else 30.0),
                   quiet_wait_s=args.quiet_wait)
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
@@ -247,7 +264,7 @@ def render(args: argparse.Namespace, command: str, info: dict[str, str], lay: La
            knobs: Knobs, runs: list[dict[str, dict[str, Any]]], seconds: float) -> str:
     peers = [p for p in args.peers if any(p in r for r in runs)]
     out = [
-        "# rangefs benchmark (issue 6)", "",
+        "# rangefs benchmark (issues 6 and 16)", "",
         f"`{command}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{len(runs)} run(s), {seconds / 60:.1f} min", "",
         "**Machine:** " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
@@ -258,7 +275,10 @@ def render(args: argparse.Namespace, command: str, info: dict[str, str], lay: La
         f"(6) {lay.many_count:,} × {lay.many_size} B, (7) {lay.multi_count} × "
         f"{lay.multi_size >> 20} MiB read by {knobs.readers} threads in "
         f"{knobs.reader_chunk >> 10} KiB preads; (4) {knobs.random_reads} preads of "
-        f"{knobs.random_size} B; (5) the 4 GiB read stops after {knobs.huge_read_s:g} s.", "",
+        f"{knobs.random_size} B; (5) the 4 GiB read stops after {knobs.huge_read_s:g} s; "
+        f"(8) {lay.long_size >> 30} GiB sparse, read in 1 MiB reads for {knobs.budget_read_s:g} s "
+        f"with a {knobs.budget} cache budget and without; (9) {lay.vast_size >> 40} TiB sparse, "
+        f"{knobs.vast_reads} preads of {knobs.random_size} B.", "",
         report.table(runs, peers, knobs.delay_s * 1000), "",
         "**Peers:** " + "; ".join(f"`{p}` = {PEERS[p].label}" for p in peers) + ".", "",
     ]

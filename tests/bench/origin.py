@@ -5,6 +5,8 @@ directory URL sees only what the scenario needs):
 
     seq/big.bin        the sequential object (tests/content.py bytes; sha256 known)
     huge/huge.bin      a sparse object of ``huge_size`` bytes (reads as zeros)
+    long/long.bin      a sparse object of ``long_size`` bytes (100 GiB; scenario 8)
+    vast/vast.bin      a sparse object of ``vast_size`` bytes (1 TiB; scenario 9)
     multi/objN.bin     the objects of the concurrent-readers scenario
     many/fNNNNN.bin    the small objects of the big-URL-list scenario
 
@@ -36,6 +38,8 @@ class Layout:
     multi_size: int
     many_count: int
     many_size: int = 1024
+    long_size: int = 100 << 30  # sparse: a hole on tmpfs costs no memory
+    vast_size: int = 1 << 40
 
     def big_key(self) -> str:
         return f"bench-big-{self.big_size}"
@@ -58,15 +62,19 @@ def _write_content(path: Path, key: str, size: int) -> None:
 
 def populate(root: Path, layout: Layout) -> None:
     """Write every object (idempotent: existing files of the right size are kept)."""
-    for sub in ("seq", "huge", "multi", "many"):
+    for sub in ("seq", "huge", "long", "vast", "multi", "many"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     big = root / "seq" / "big.bin"
     if not big.exists() or big.stat().st_size != layout.big_size:
         _write_content(big, layout.big_key(), layout.big_size)
-    huge = root / "huge" / "huge.bin"
-    if not huge.exists() or huge.stat().st_size != layout.huge_size:
-        with open(huge, "wb") as fh:
-            fh.truncate(layout.huge_size)
+    for sparse, size in ((root / "huge" / "huge.bin", layout.huge_size),
+                         (root / "long" / "long.bin", layout.long_size),
+                         (root / "vast" / "vast.bin", layout.vast_size)):
+        # holes only (zeros when read): tmpfs allocates nothing for them, and its
+        # splice_read sends the zero page for a hole, so serving them costs no memory
+        if not sparse.exists() or sparse.stat().st_size != size:
+            with open(sparse, "wb") as fh:
+                fh.truncate(size)
     for i in range(layout.multi_count):
         path = root / "multi" / f"obj{i}.bin"
         if not path.exists() or path.stat().st_size != layout.multi_size:

@@ -100,8 +100,10 @@ class Mounted:
 
 
 def fuse_argv(peer: Peer, *, base_url: str, sub: str, names: Sequence[str], mountpoint: Path,
-              cache_dir: Path, work: Path, sizes: dict[str, int] | None = None) -> list[str]:
-    """The command line that mounts directory ``sub`` of the origin (objects ``names``)."""
+              cache_dir: Path, work: Path, sizes: dict[str, int] | None = None,
+              extra: Sequence[str] = ()) -> list[str]:
+    """The command line that mounts directory ``sub`` of the origin (objects ``names``);
+    ``extra``: options a scenario adds to the peer's own (scenario 8: a cache budget)."""
     url_dir = f"{base_url}/{sub}/"
     if peer.is_rangefs:
         urls = work / f"{sub}.urls"
@@ -110,30 +112,32 @@ def fuse_argv(peer: Peer, *, base_url: str, sub: str, names: Sequence[str], moun
                 size = f" size={sizes[name]}" if sizes and name in sizes else ""
                 fh.write(f"{url_dir}{name} {name}{size}\n")
         # RANGEFS_BENCH_ARGS: extra mount options for experiments (the table's notes say so)
-        extra = shlex.split(os.environ.get("RANGEFS_BENCH_ARGS", ""))
+        bench_args = shlex.split(os.environ.get("RANGEFS_BENCH_ARGS", ""))
         return [str(RANGEFS), "mount", "--foreground", "--cache-dir", str(cache_dir),
-                *peer.args, *extra, str(urls), str(mountpoint)]
+                *peer.args, *extra, *bench_args, str(urls), str(mountpoint)]
     if peer.name.startswith("rclone"):
         return ["rclone", "mount", ":http:", str(mountpoint), "--http-url", url_dir,
                 "--vfs-cache-mode", "full", "--cache-dir", str(cache_dir), "--read-only",
-                "--config", str(work / "rclone.conf"), *peer.args]
+                "--config", str(work / "rclone.conf"), *peer.args, *extra]
     if peer.name == "httpdirfs":
         return ["httpdirfs", "-f", "--cache", "--cache-location", str(cache_dir), *peer.args,
-                url_dir, str(mountpoint)]
+                *extra, url_dir, str(mountpoint)]
     raise ValueError(f"{peer.name} is not a FUSE peer")
 
 
 @contextlib.contextmanager
 def mounted(peer: Peer, *, base_url: str, sub: str, names: Sequence[str], work: Path,
             cache_dir: Path, tag: str, sizes: dict[str, int] | None = None,
-            mount_timeout: float = 60.0, profile: Path | None = None) -> Iterator[Mounted]:
-    """Mount, yield, and always unmount and reap. ``profile``: py-spy raw output for rangefs."""
+            mount_timeout: float = 60.0, profile: Path | None = None,
+            extra: Sequence[str] = ()) -> Iterator[Mounted]:
+    """Mount, yield, and always unmount and reap. ``profile``: py-spy raw output for rangefs;
+    ``extra``: options added to the peer's own (see :func:`fuse_argv`)."""
     mountpoint = work / f"mnt-{tag}"
     mountpoint.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     log_path = work / f"{tag}.log"
     argv = fuse_argv(peer, base_url=base_url, sub=sub, names=names, mountpoint=mountpoint,
-                     cache_dir=cache_dir, work=work, sizes=sizes)
+                     cache_dir=cache_dir, work=work, sizes=sizes, extra=extra)
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
     env["PYTHONPATH"] = str(ROOT)

@@ -1,4 +1,5 @@
-"""The table: medians of every figure per peer, best peer, rangefs ÷ best, issue 6's target.
+"""The table: medians of every figure per peer, best peer, rangefs ÷ best, issue 6's target
+(scenarios 8-9, of issue 16, have none).
 
 Figures are never pass/fail of a build: "met" only says how the medians compare with the
 target of issue 6 on this machine.
@@ -80,6 +81,19 @@ METRICS: tuple[Metric, ...] = (
            _delay("≤", 3)),
     Metric("s7_amp", "7 origin bytes ÷ bytes read ↓", "info", "{:.2f}×"),
     Metric("s7_cpu_s", "7 daemon CPU seconds ↓", "info", "{:.2f}"),
+    Metric("s8_budget_mibps", "8 100 GiB sequential read, 1 GiB cache budget, MiB/s ↑", "high",
+           "{:.1f}"),
+    Metric("s8_budget_gib", "8 (GiB read in the time, 1 GiB budget)", "info", "{:.2f}"),
+    # "info": a peer that read less holds less; what counts is staying within the budget
+    Metric("s8_budget_cache_mib", "8 peak cache on disk, 1 GiB budget, MiB", "info", "{:.0f}"),
+    Metric("s8_budget_rss_mib", "8 daemon peak RSS, 1 GiB budget, MiB ↓", "low", "{:.0f}"),
+    Metric("s8_free_mibps", "8 same read, no budget (defaults), MiB/s ↑", "high", "{:.1f}"),
+    Metric("s8_free_gib", "8 (GiB read in the time, no budget)", "info", "{:.2f}"),
+    Metric("s8_free_cache_mib", "8 peak cache on disk, no budget, MiB", "info", "{:.0f}"),
+    Metric("s8_free_rss_mib", "8 daemon peak RSS, no budget, MiB ↓", "low", "{:.0f}"),
+    Metric("s9_p50_ms", "9 random 4 KiB cold pread in 1 TiB, p50, ms ↓", "low", "{:.1f}"),
+    Metric("s9_p99_ms", "9 random 4 KiB cold pread in 1 TiB, p99, ms ↓", "low", "{:.1f}"),
+    Metric("s9_amp", "9 amplification (origin bytes ÷ bytes read) ↓", "low", "{:.1f}×"),
 )
 
 

@@ -1,4 +1,4 @@
-"""Scenarios 1-7 of issue 6, each for one peer; every figure is one run's.
+"""Scenarios 1-7 of issue 6 and 8-9 of issue 16, each for one peer; every figure is one run's.
 
 Each function returns ``{metric key: value}`` (value ``None`` = not measured: timeout or
 failure, with the reason under ``"error"``). Cold means: a fresh cache directory, a fresh
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -23,7 +24,7 @@ from typing import Any
 
 from .origin import Layout, Origin
 from .peers import Mounted, MountFailed, Peer, mounted
-from .system import drop_page_cache, kill_group, log, run, run_rusage
+from .system import DiskPeak, disk_bytes, drop_page_cache, kill_group, log, run, run_rusage
 
 MiB = 1 << 20
 Figures = dict[str, Any]
@@ -36,7 +37,10 @@ class Knobs:
     runs: int
     quick: bool
     huge_read_s: float  # scenario 5b reads the 4 GiB object for at most this long
+    budget_read_s: float = 30.0  # scenario 8 reads the 100 GiB object for at most this long
+    budget: str = "1G"  # scenario 8's cache budget (rangefs --cache-size, rclone's max size)
     random_reads: int = 200
+    vast_reads: int = 300  # scenario 9: random preads in the 1 TiB object
     random_size: int = 4096
     readers: int = 16
     reader_chunk: int = 1 << 20
@@ -96,15 +100,16 @@ def _sha256(path: Path) -> str:
 
 def _fuse(ctx: Ctx, peer: Peer, scenario: str, sub: str, names: list[str],
           body: Callable[[Mounted], Figures], *, cache_dir: Path | None = None,
-          sizes: dict[str, int] | None = None) -> Figures:
-    """Mount ``sub`` for ``peer`` on a fresh cache, run ``body``, unmount; add origin traffic."""
+          sizes: dict[str, int] | None = None, extra: tuple[str, ...] = ()) -> Figures:
+    """Mount ``sub`` for ``peer`` on a fresh cache, run ``body``, unmount; add origin traffic.
+    ``extra``: mount options added to the peer's own."""
     cache = cache_dir or ctx.fresh(f"cache-{peer.name}-s{scenario}")
     mark = ctx.origin.mark()
     figures: Figures = {}
     try:
         with mounted(peer, base_url=ctx.origin.base, sub=sub, names=names, work=ctx.work,
                      cache_dir=cache, tag=f"{peer.name}-s{scenario}", sizes=sizes,
-                     profile=ctx.profile(peer, scenario)) as m:
+                     profile=ctx.profile(peer, scenario), extra=extra) as m:
             figures = body(m)
             figures["_cpu_s"] = m.cpu_seconds()
     except MountFailed as exc:
@@ -207,43 +212,58 @@ def ttfb(ctx: Ctx, peer: Peer) -> Figures:
     return _fuse(ctx, peer, "3", "seq", ["big.bin"], body)
 
 
-# -- 4: cold random 4 KiB preads in the 4 GiB object --------------------------------------
+# -- 4 and 9: cold random 4 KiB preads in the 4 GiB / 1 TiB object ------------------------
 
 
 def random_reads(ctx: Ctx, peer: Peer) -> Figures:
-    count, size = ctx.knobs.random_reads, ctx.knobs.random_size
+    return _random_preads(ctx, peer, "4", "huge", "huge.bin", ctx.layout.huge_size,
+                          ctx.knobs.random_reads)
+
+
+def vast_random_reads(ctx: Ctx, peer: Peer) -> Figures:
+    return _random_preads(ctx, peer, "9", "vast", "vast.bin", ctx.layout.vast_size,
+                          ctx.knobs.vast_reads)
+
+
+def _random_preads(ctx: Ctx, peer: Peer, scenario: str, sub: str, name: str, object_size: int,
+                   count: int) -> Figures:
+    """``count`` cold random preads of ``random_size`` bytes at aligned offsets (seed = run
+    number): figures ``s{scenario}_p50_ms``, ``_p99_ms``, ``_amp`` (origin bytes ÷ bytes read)."""
+    size = ctx.knobs.random_size
     read_bytes = count * size
+    key = f"s{scenario}"
     if peer.name == "curl":
         import random
 
         rng = random.Random(ctx.run)
         mark = ctx.origin.mark()
         latencies = []
-        url = ctx.origin.url("huge/huge.bin")
+        url = ctx.origin.url(f"{sub}/{name}")
         for _ in range(count):
-            offset = rng.randrange(ctx.layout.huge_size // size) * size
+            offset = rng.randrange(object_size // size) * size
             code, _, out = run(["curl", "-sS", "-r", f"{offset}-{offset + size - 1}", "-o",
                                 "/dev/null", "-w", "%{time_total}", url], timeout=30, stdout=None)
             if code != 0:
                 return {"error": "curl failed"}
             latencies.append(float(out))
         traffic = ctx.origin.sent_since(mark)
-        return {"s4_p50_ms": pct(latencies, 0.5) * 1000, "s4_p99_ms": pct(latencies, 0.99) * 1000,
-                "s4_amp": traffic.bytes_sent / read_bytes, "_origin_bytes": traffic.bytes_sent}
+        return {f"{key}_p50_ms": pct(latencies, 0.5) * 1000,
+                f"{key}_p99_ms": pct(latencies, 0.99) * 1000,
+                f"{key}_amp": traffic.bytes_sent / read_bytes, "_origin_bytes": traffic.bytes_sent}
 
     def body(m: Mounted) -> Figures:
         drop_page_cache()
-        result = worker({"op": "pread", "path": m.path("huge.bin"), "count": count,
+        result = worker({"op": "pread", "path": m.path(name), "count": count,
                          "size": size, "seed": ctx.run}, 60 + count * 3.0)
         if result is None:
             return {"error": "random reads timed out or failed"}
         lat = result["latencies"]
-        return {"s4_p50_ms": pct(lat, 0.5) * 1000, "s4_p99_ms": pct(lat, 0.99) * 1000,
-                "s4_mean_ms": statistics.fmean(lat) * 1000}
+        return {f"{key}_p50_ms": pct(lat, 0.5) * 1000, f"{key}_p99_ms": pct(lat, 0.99) * 1000,
+                f"{key}_mean_ms": statistics.fmean(lat) * 1000}
 
-    figures = _fuse(ctx, peer, "4", "huge", ["huge.bin"], body)
-    if "s4_p50_ms" in figures:
-        figures["s4_amp"] = figures["_origin_bytes"] / read_bytes
+    figures = _fuse(ctx, peer, scenario, sub, [name], body)
+    if f"{key}_p50_ms" in figures:
+        figures[f"{key}_amp"] = figures["_origin_bytes"] / read_bytes
     return figures
 
 
@@ -275,6 +295,81 @@ def huge_rss(ctx: Ctx, peer: Peer) -> Figures:
         return figures
 
     return _fuse(ctx, peer, "5", "huge", ["huge.bin"], body)
+
+
+# -- 8: the 100 GiB object read sequentially, with a 1 GiB cache budget and without ------
+
+
+# the mount options that give each peer scenario 8's cache budget (SIZE = Knobs.budget)
+BUDGET_ARGS: dict[str, tuple[str, ...]] = {
+    "rangefs": ("--cache-size", "SIZE"),
+    "rangefs-none": ("--cache-size", "SIZE"),
+    "rclone": ("--vfs-cache-max-size", "SIZE"),
+}
+# an upper bound of what a peer can fetch per second here: rangefs's 32 connections at the
+# origin's 16 MiB/s each; what the no-budget read may leave in the cache is at most this
+# times the read time (rangefs's --cache-min-free keeps 5 % of the disk free in any case)
+FETCH_BOUND = 512 * MiB
+
+
+def _room(ctx: Ctx) -> str | None:
+    """Why the work directory cannot hold what the no-budget read may cache, or None."""
+    need = min(ctx.layout.long_size, int(ctx.knobs.budget_read_s * FETCH_BOUND)) + (1 << 30)
+    st = os.statvfs(ctx.work)
+    # what rangefs may use by default: the free space less its --cache-min-free 5 %
+    usable = st.f_bavail * st.f_frsize - st.f_blocks * st.f_frsize // 20
+    if usable < need:
+        return (f"{ctx.work} leaves {usable / (1 << 30):.1f} GiB for a cache (free space less "
+                f"5 %), the no-budget read may cache {need / (1 << 30):.1f} GiB: give "
+                "--workdir on a larger disk or a shorter --budget-read-s")
+    return None
+
+
+def budget_read(ctx: Ctx, peer: Peer) -> Figures:
+    """Read the 100 GiB object for at most ``budget_read_s`` from a cold mount, with the peer's
+    cache budget (``s8_budget_*``) and with its defaults (``s8_free_*``): MiB/s, GiB read,
+    peak bytes of the cache directory on disk (st_blocks, sampled every 50 ms from before
+    the mount to after the unmount, so a fill that goes on after the read counts), the
+    daemon's peak RSS (VmHWM)."""
+    limit = ctx.knobs.budget_read_s
+    figures: Figures = {}
+    variants = (("budget", tuple(ctx.knobs.budget if a == "SIZE" else a
+                                 for a in BUDGET_ARGS[peer.name])), ("free", ()))
+    errors = []
+    for variant, extra in variants:
+        key = f"s8_{variant}"
+        if variant == "free" and (why := _room(ctx)) is not None:
+            errors.append(f"{variant}: {why}")
+            continue
+        cache = ctx.fresh(f"cache-{peer.name}-s8-{variant}")
+
+        def body(m: Mounted, key: str = key) -> Figures:
+            drop_page_cache()
+            result = worker({"op": "read", "path": m.path("long.bin"), "chunk": 1 << 20,
+                             "limit_s": limit}, limit + 60)
+            if result is None:
+                return {"error": "read timed out or failed"}
+            return {f"{key}_mibps": result["bytes"] / MiB / result["seconds"],
+                    f"{key}_gib": result["bytes"] / (1 << 30),
+                    f"{key}_rss_mib": m.peak_rss_mib(), f"{key}_cpu_s": m.cpu_seconds(),
+                    "_read_bytes": result["bytes"]}
+
+        with DiskPeak(cache) as disk:
+            got = _fuse(ctx, peer, "8", "long", ["long.bin"], body, cache_dir=cache,
+                        extra=extra)
+        got[f"{key}_cache_mib"] = disk.peak / MiB
+        got[f"{key}_cache_left_mib"] = disk_bytes(cache) / MiB  # after the unmount
+        got[f"{key}_disk_samples"] = disk.samples
+        if got.get("_read_bytes"):
+            got[f"{key}_amp"] = got["_origin_bytes"] / got["_read_bytes"]
+        shutil.rmtree(cache, ignore_errors=True)
+        if "error" in got:
+            errors.append(f"{variant}: {got.pop('error')}")
+            got.pop(f"{key}_cache_mib")
+        figures.update({k: v for k, v in got.items() if not k.startswith("_")})
+    if errors:
+        figures["error"] = "; ".join(errors)
+    return figures
 
 
 # -- 6: a 10,000-entry list: mount to `ls -l` done, cold and on remount --------------------
@@ -392,4 +487,9 @@ SUPPORTS: dict[str, set[str]] = {
     "5": {"rangefs", "rangefs-none", "aria2", "curl", "rclone", "rclone-tuned", "httpdirfs"},
     "6": {"rangefs", "rclone", "httpdirfs"},  # the variants differ only in how they read
     "7": {"rangefs", "rangefs-none", "aria2", "curl", "rclone", "rclone-tuned", "httpdirfs"},
+    # issue 16: rclone's --vfs-cache-max-size is the one peer budget worth a row; httpdirfs
+    # has no cache bound, the download peers no cache
+    "8": set(BUDGET_ARGS),
+    # curl is the floor, as in 4; the FUSE peers' 4 KiB reads cost 16-4096 × in (4) already
+    "9": {"rangefs", "rangefs-none", "curl"},
 }

@@ -14,6 +14,7 @@ import platform
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -309,3 +310,54 @@ def wait_quiet(limit: float, threshold: float = 0.25) -> float:
         time.sleep(2)
         busy = cpu_busy()
     return busy
+
+
+def disk_bytes(root: Path) -> int:
+    """Bytes allocated on disk under ``root`` (sum of st_blocks × 512, what ``du`` counts:
+    the holes of sparse files are free). Files that vanish while it walks are skipped."""
+    total = 0
+    stack = [str(root)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue
+    return total
+
+
+class DiskPeak:
+    """Samples :func:`disk_bytes` of a directory every ``interval`` s in a thread, as a
+    context manager: ``peak`` is the largest sample (one is taken at start and at stop)."""
+
+    def __init__(self, root: Path, interval: float = 0.05) -> None:
+        self.root = root
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="disk-peak", daemon=True)
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, disk_bytes(self.root))
+        self.samples += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> DiskPeak:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
