@@ -18,6 +18,7 @@ import logging.handlers
 import math
 import os
 import re
+import ssl
 import stat
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -37,7 +38,7 @@ from .mount import MountConfig, check_mountpoint, run_mount
 from .objects import Prefetch, StoreConfig
 from .ratecontrol import BackoffPolicy
 from .redact import redact_text, redact_url
-from .source import HttpOptions
+from .source import HttpOptions, tls_context
 from .urllist import default_name, read_url_list, url_problem
 
 log = logging.getLogger("rangefs.cli")
@@ -392,6 +393,10 @@ def rangefs() -> None:
               help="HTTP header sent with every request (repeatable), e.g. "
                    "'Authorization: Bearer ...'. Never logged; visible in ps: prefer "
                    "--header-file for secrets. Dropped on redirects to another origin.")
+@click.option("--cacert", type=click.Path(dir_okay=False), envvar="RANGEFS_CACERT",
+              show_envvar=True, default=None, metavar="FILE",
+              help="PEM file of CA certificates to trust beside the system's trust store "
+                   "(which honours SSL_CERT_FILE and SSL_CERT_DIR), e.g. a company CA.")
 @click.option("--header-file", type=click.Path(dir_okay=False), envvar="RANGEFS_HEADER_FILE",
               show_envvar=True, default=None,
               help="File of HTTP headers, one 'Name: value' a line ('#' comments allowed), "
@@ -422,6 +427,7 @@ def mount_command(
     prefetch: str,
     read_timeout: float,
     headers: Sequence[str],
+    cacert: str | None,
     header_file: str | None,
     allow_other: bool,
     foreground: bool,
@@ -439,6 +445,7 @@ def mount_command(
     try:
         setup_logging(verbose=verbose, debug=debug, log_file=log_file)
         http_headers = _http_headers(headers, header_file)
+        trusted = _cacert(cacert)
         entries = read_url_list(urllist)
         target = Path(mountpoint).absolute()
         service.clear_stale_mount(target)  # only a rangefs mount whose process is gone
@@ -455,7 +462,7 @@ def mount_command(
                 prefetch=Prefetch(prefetch),
                 read_timeout=read_timeout,
                 # a stalled body is dropped and retried well within a reader's deadline
-                http=HttpOptions(headers=http_headers,
+                http=HttpOptions(headers=http_headers, cacert=trusted,
                                  read_timeout=min(30.0, max(1.0, read_timeout / 2)),
                                  # demand (2 x N) + fill slots, and the probes'
                                  max_connections=(3 + PROBES_PER_SLOT) * concurrency),
@@ -491,6 +498,23 @@ def _ready_callback(daemon: service.Daemon | None) -> Callable[[], None]:
             service.notify("READY=1\nSTATUS=mounted")
 
     return on_ready
+
+
+def _cacert(path: str | None) -> str | None:
+    """--cacert: the path, once it loads as PEM CA certificates; UsageError otherwise."""
+    if path is None:
+        return None
+    try:
+        tls_context(path)
+    except FileNotFoundError:
+        raise UsageError(f"--cacert {path}: no such file") from None
+    except ssl.SSLError as exc:  # (an OSError too)
+        raise UsageError(
+            f"--cacert {path}: not a PEM file of CA certificates ({exc.reason or exc})"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"--cacert {path}: {exc.strerror or exc}") from None
+    return os.path.abspath(path)
 
 
 def _http_headers(headers: Sequence[str], header_file: str | None) -> tuple[tuple[str, str], ...]:
@@ -534,6 +558,10 @@ def _transfer_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--header-file", type=click.Path(dir_okay=False),
                      envvar="RANGEFS_HEADER_FILE", show_envvar=True, default=None,
                      help="File of HTTP headers, one 'Name: value' a line."),
+        click.option("--cacert", type=click.Path(dir_okay=False), envvar="RANGEFS_CACERT",
+                     show_envvar=True, default=None, metavar="FILE",
+                     help="PEM file of CA certificates to trust beside the system's trust "
+                          "store (which honours SSL_CERT_FILE and SSL_CERT_DIR)."),
         click.option("-v", "--verbose", count=True, help="More log output: -v info, -vv debug."),
     ]
     for option in reversed(options):
@@ -544,7 +572,7 @@ def _transfer_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def _download_options(
     *, block_size: int, concurrency: int, max_rate: int | None, sha256: str | None,
     retries: int, read_timeout: float, headers: Sequence[str], header_file: str | None,
-    force: bool = False,
+    cacert: str | None = None, force: bool = False,
 ) -> DownloadOptions:
     digest = None
     if sha256 is not None:
@@ -556,7 +584,8 @@ def _download_options(
         block_size=block_size,
         concurrency=concurrency,
         max_rate=float(max_rate) if max_rate is not None else None,
-        http=HttpOptions(headers=_http_headers(headers, header_file), read_timeout=read_timeout),
+        http=HttpOptions(headers=_http_headers(headers, header_file), read_timeout=read_timeout,
+                         cacert=_cacert(cacert)),
         backoff=BackoffPolicy(steps=retries),
         digest=digest,
         force=force,

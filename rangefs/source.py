@@ -39,6 +39,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import re
+import ssl
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -118,6 +119,25 @@ class HttpOptions:
     max_connections: int = 128
     max_redirects: int = 10
     retry_after_cap: float = 120.0
+    cacert: str | None = None  # PEM file of CA certificates trusted beside the system's
+
+
+def tls_context(cacert: str | None = None) -> ssl.SSLContext:
+    """The TLS client context of a session: the system's trust store (OpenSSL's default
+    paths, which honour ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``), certifi's bundle where
+    the system has none of its CAs, and ``cacert`` (a PEM file of CA certificates).
+    Hostnames are checked. Raises OSError / ssl.SSLError for an unusable ``cacert``."""
+    context = ssl.create_default_context()
+    try:
+        import certifi
+
+        context.load_verify_locations(cafile=certifi.where())
+    except (ImportError, OSError, ssl.SSLError) as exc:  # pragma: no cover - httpx has it
+        log.debug("certifi's CA bundle not loaded: %s", exc)
+    if cacert is not None:
+        context.load_verify_locations(cafile=cacert)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 class Reader(Protocol):
@@ -161,7 +181,9 @@ class HttpSession:
         # they go through the client, which routes them to httpx's own transports.
         self._direct: FastTransport | None = None
         if transport is None:
-            transport = FastTransport(max_connections=opts.max_connections)
+            transport = FastTransport(
+                max_connections=opts.max_connections, ssl_context=tls_context(opts.cacert)
+            )
             if not urllib.request.getproxies():
                 self._direct = transport
         self._client = httpx.AsyncClient(
@@ -412,6 +434,20 @@ class HttpSession:
         self, exc: httpx.TransportError, label: str, url: httpx.URL, original: httpx.URL
     ) -> SourceError:
         """A transport failure: permanent for an unusable URL or request, else transient."""
+        tls = _tls_failure(exc)
+        if tls is not None:  # not transient: retrying cannot make a certificate trusted
+            host = url.host
+            if isinstance(tls, ssl.SSLCertVerificationError):
+                reason = tls.verify_message or tls.reason or "verification failed"
+                return PermanentError(
+                    f"{label}: the TLS certificate of {host} is not trusted ({reason}): "
+                    f"use --cacert FILE or SSL_CERT_FILE to trust its CA{_at(url, original)}"
+                )
+            return PermanentError(
+                f"{label}: the TLS handshake with {host} failed "
+                f"({tls.reason or type(tls).__name__}): is it an https server?"
+                f"{_at(url, original)}"
+            )
         text = f"{label}: {self._describe(exc, url, original)}{_at(url, original)}"
         if isinstance(exc, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
             return PermanentError(text)
@@ -724,6 +760,29 @@ async def _aclose_iterator(chunks: AsyncIterator[bytes]) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+# TLS failures that say the server is not an https server as we asked for (a plain http
+# port, another protocol): permanent. Others (an EOF in the handshake) may be transient.
+_NOT_TLS: Final = frozenset({
+    "WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST", "UNKNOWN_PROTOCOL",
+    "PACKET_LENGTH_TOO_LONG", "UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION",
+})
+
+
+def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The certificate error, or the "not an https server" error, behind a transport
+    error (its causes followed), if there is one."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError) or (
+            isinstance(current, ssl.SSLError) and current.reason in _NOT_TLS
+        ):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _parse_url(url: str) -> httpx.URL:
