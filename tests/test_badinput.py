@@ -175,6 +175,10 @@ MOUNT_OPTIONS: list[tuple[list[str], str]] = [
     (["--header", "X-Token: caf\u00e9-SECRETVALUE"], "non-ASCII"),  # once a BUG traceback
     (["--header", "X-Token: SECRET\x01VALUE"], "control"),
     (["--log-file", "/nonexistent/dir/log"], "cannot open log file"),
+    (["--cacert", "/nonexistent/ca.pem"], "--cacert /nonexistent/ca.pem: no such file"),
+    (["--cacert", "/etc/hostname"], "not a PEM file of CA certificates"),
+    (["--cache-min-free", "100%"], "--cache-min-free"),
+    (["--cache-min-free", "lots"], "--cache-min-free"),
 ]
 
 HEADER_FILES: list[tuple[str, str]] = [
@@ -193,6 +197,8 @@ TRANSFER_OPTIONS: list[tuple[list[str], str]] = [
     (["cat", "--header", "Host: SECRETVALUE", GOOD_URL], "set by rangefs"),
     (["cat", "--header", "X-Token: \u00e9SECRETVALUE", GOOD_URL], "non-ASCII"),
     (["download", "--header-file", "/nonexistent/headers", GOOD_URL], "cannot read header file"),
+    (["download", "--cacert", "/nonexistent/ca.pem", GOOD_URL], "--cacert"),
+    (["cat", "--cacert", "/etc/hostname", GOOD_URL], "not a PEM file"),
     (["cat", "ftp://h/a.bin"], "unsupported URL scheme 'ftp://'"),
     (["download", "file:///etc/passwd"], "unsupported URL scheme 'file://'"),
     (["cat", "http:///nohost"], "has no host"),
