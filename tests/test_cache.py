@@ -12,7 +12,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -1101,25 +1100,57 @@ async def test_preload_reads_cached_blocks_into_the_page_cache(
 async def test_cancelled_preload_returns_at_once_and_its_thread_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An unmount cancels preloads: it must not wait for tens of MiB of disk reads."""
+    """An unmount cancels preloads: it must not wait for tens of MiB of disk reads. The
+    disk here answers only when the test opens a gate: the cancelled preload returns while
+    its thread is still inside its first read (16 chunks of 2 MiB to go), and once that
+    read ends the thread stops (it closes its descriptor) without starting another."""
     bs = 1 << 20
     c = LocalDownloadCache.open(tmp_path / "obj", ident(32 * bs, bs))
     fill(c, range(32))
     reads: list[int] = []
-    real_preadv = os.preadv
+    reading = threading.Event()  # the preload thread is inside a disk read
+    gate = threading.Event()  # the disk answers
+    ended = threading.Event()  # the preload thread closed its descriptor: it is done
+    readers: set[int] = set()
+    real_preadv, real_close = os.preadv, os.close
 
-    def slow_preadv(fd: int, buffers: list[Any], offset: int, *flags: int) -> int:
-        time.sleep(0.1)  # a slow disk: 16 chunks of 2 MiB take 1.6 s
+    def gated_preadv(fd: int, buffers: list[Any], offset: int, *flags: int) -> int:
+        readers.add(threading.get_ident())
         reads.append(offset)
+        reading.set()
+        gate.wait(60)  # a hang guard only: the test opens the gate
         return real_preadv(fd, buffers, offset, *flags)
 
-    monkeypatch.setattr(os, "preadv", slow_preadv)
-    with trio.fail_after(1):
-        with trio.move_on_after(0.15):
+    def recording_close(fd: int) -> None:
+        real_close(fd)
+        if threading.get_ident() in readers:
+            ended.set()
+
+    async def until(event: threading.Event) -> None:
+        while not event.is_set():  # noqa: ASYNC110 - a thread's event
+            await trio.sleep(0.001)
+
+    monkeypatch.setattr(os, "preadv", gated_preadv)
+    monkeypatch.setattr(os, "close", recording_close)
+    cancel = trio.CancelScope()
+    returned = trio.Event()
+
+    async def preload() -> None:
+        with cancel:
             await c.preload(0, 32 * bs)
-    await trio.sleep(0.5)  # the chunk in progress ends; no other starts
-    assert 1 <= len(reads) <= 3, reads
-    done = len(reads)
-    await trio.sleep(0.3)
-    assert len(reads) == done
+        returned.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(preload)
+        try:
+            with trio.fail_after(20):  # hang guards
+                await until(reading)
+                cancel.cancel()
+                await returned.wait()  # with the disk still blocked
+                assert reads == [0] and not ended.is_set()
+                gate.set()
+                await until(ended)  # the chunk in progress ends
+            assert reads == [0], reads  # and no other started
+        finally:
+            gate.set()
     c.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rangefs.cachefiles import read_index
 from rangefs.download import partial_dir
 from tests.content import check, sha256_of
 from tests.faultserver import FaultServer
@@ -80,6 +81,15 @@ def test_existing_dest_is_a_usage_error(origin: FaultServer, tmp_path: Path) -> 
     check("/a", 0, (tmp_path / "a").read_bytes())
 
 
+def _claims_a_block(directory: Path) -> bool:
+    """True once the index in ``directory`` claims a block (False before its first flush)."""
+    try:
+        _, bitmap = read_index(directory / "index")
+    except FileNotFoundError:
+        return False
+    return any(bitmap)
+
+
 def test_kill_9_then_rerun_resumes(origin: FaultServer, tmp_path: Path) -> None:
     size = 48 * 1024 * 1024
     origin.add("/big", size)
@@ -88,10 +98,12 @@ def test_kill_9_then_rerun_resumes(origin: FaultServer, tmp_path: Path) -> None:
     args = [*RANGEFS, "download", "--block-size", "256K", "--concurrency", "2",
             "--max-rate", "16M", origin.url("/big"), str(dest)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while origin.bytes_sent("/big") < size // 3 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60  # a hang guard
+    # a third sent, and the index on disk claims some of it: a kill now leaves a resumable
+    # download (the rate limit keeps it from finishing meanwhile)
+    while origin.bytes_sent("/big") < size // 3 or not _claims_a_block(partial_dir(dest)):
+        assert time.monotonic() < deadline and proc.poll() is None, origin.bytes_sent("/big")
         time.sleep(0.05)
-    time.sleep(1.5)  # let the index be persisted at least once
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not dest.exists() and partial_dir(dest).exists()

@@ -9,9 +9,9 @@
 - The index (and the data file) damaged between two mounts: detected, logged, recovered
   from what still vouches for blocks; every byte checked after the remount, and exactly
   the blocks nobody vouches for fetched again.
-- A cache on a tiny tmpfs (ENOSPC before a byte is fetched, small objects still work, a
-  disk that fills up mid-way never tears the index), read-only and unusable cache
-  directories (one line, exit 2, nothing mounted).
+- A cache file system that another program fills up mid-way (reads fail with ENOSPC, no
+  wrong byte, the index never torn; index flushes retried with backoff), read-only and
+  unusable cache directories (one line, exit 2, nothing mounted).
 - The two policies behind these: how soon the index claims new blocks, and the headroom.
 """
 
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
+import logging
 import os
 import random
 import shutil
@@ -34,9 +36,10 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 from rangefs import cache as cache_mod
-from rangefs import errors, objects
+from rangefs import errors, objects, scheduler
 from rangefs.cache import LocalDownloadCache
 from rangefs.cachedir import cache_key
 from rangefs.cachefiles import (
@@ -272,12 +275,15 @@ def test_kill_9_mount_20_times_during_a_copy(
     assert total <= SIZE * 1.1  # issue 5's bound
 
 
-def test_mount_claims_new_blocks_within_a_fraction_of_a_second(
+def test_mount_claims_new_blocks_while_it_runs(
     tmp_path: Path, mnt: Path, origin: FaultServer
 ) -> None:
     """What a kill -9 of the mount loses is bounded by how soon a block that arrived is
-    claimed by the index on disk: FLUSH_INTERVAL + FLUSH_PERIOD (0.15 s) plus the flush
-    itself. Measured here block by block (printed); asserted with a wide margin."""
+    claimed by the index on disk: FLUSH_INTERVAL + FLUSH_PERIOD plus the flush itself.
+    Here every block read is claimed while the mount runs on, idle (no other read, no
+    unmount): by its periodic flusher. The latencies are printed, not asserted (they
+    measure the machine's disk and load); the cadence is proven on trio's clock by
+    test_the_flusher_starts_the_flush_of_a_new_block_within_interval_plus_period."""
     origin.add("/obj", 16 * BS)
     urls = write_list(tmp_path / "r.urls", [origin.url("/obj")])
     cache = tmp_path / "cache"
@@ -290,8 +296,9 @@ def test_mount_claims_new_blocks_within_a_fraction_of_a_second(
             for block in (5, 1, 12, 3, 9, 14, 7, 0):
                 content.check("/obj", block * BS, os.pread(fd, BS, block * BS))
                 arrived = time.monotonic()
+                hang_guard = arrived + 60
                 while block not in persisted_blocks(objdir):
-                    assert time.monotonic() - arrived < 5, f"block {block} never claimed"
+                    assert time.monotonic() < hang_guard, f"block {block} never claimed"
                     time.sleep(0.005)
                 latencies.append(time.monotonic() - arrived)
         finally:
@@ -299,9 +306,55 @@ def test_mount_claims_new_blocks_within_a_fraction_of_a_second(
     nominal = objects.FLUSH_INTERVAL + objects.FLUSH_PERIOD
     print(f"\nclaimed after {', '.join(f'{t:.3f}' for t in latencies)} s (nominal <= "
           f"{nominal:g} s + the flush)")
-    # 6 x nominal: room for slow fsyncs (which stretch the interval, see needs_flush);
-    # below the 1.0..1.5 s of the former cadence
-    assert max(latencies) < 0.9
+
+
+async def test_the_flusher_starts_the_flush_of_a_new_block_within_interval_plus_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    """The policy behind the claim latency above: the store's flusher looks every
+    FLUSH_PERIOD and flushes a cache whose oldest unclaimed block is FLUSH_INTERVAL old, so
+    the flush of a new block starts between FLUSH_INTERVAL and FLUSH_INTERVAL +
+    FLUSH_PERIOD after the block arrived, whatever the phase of the flusher's ticks. On
+    trio's clock (autojump): the machine's speed does not count, only the cadence."""
+    interval, period = objects.FLUSH_INTERVAL, objects.FLUSH_PERIOD
+    assert interval + period <= 0.15  # what the kill -9 loop's MOUNT_MAX_LOSS assumes
+    started: list[float] = []
+    events = {"started": trio.Event(), "flushed": trio.Event()}
+    real_flush = LocalDownloadCache.flush
+
+    async def recording_flush(self: LocalDownloadCache) -> None:
+        started.append(trio.current_time())
+        events["started"].set()
+        await real_flush(self)
+        events["flushed"].set()
+
+    monkeypatch.setattr(LocalDownloadCache, "flush", recording_flush)
+    config = objects.StoreConfig(cache_dir=tmp_path / "cache", probe_at_mount=False)
+    store = objects.ObjectStore([], config)
+    caches: list[LocalDownloadCache] = []
+    monkeypatch.setattr(store, "_caches", lambda: list(caches))  # the store's open caches
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        for n, phase in enumerate((0.0, 0.003, 0.0101, 0.0173, 0.0199, period, 0.031)):
+            directory = tmp_path / f"o{n}"
+            identity = ObjectIdentity(f"http://h/o{n}", 8 * 64, 64, '"e"', None)
+            # a new cache each time: no earlier index write of it stretches its interval
+            with LocalDownloadCache.open(directory, identity, flush_interval=interval) as c:
+                caches[:] = [c]
+                await trio.sleep(phase)  # another point between two of the flusher's ticks
+                started.clear()
+                events.update(started=trio.Event(), flushed=trio.Event())
+                c.write_block(3, b"x" * 64)
+                arrived = trio.current_time()
+                # no thread runs until the flush starts: a guard in virtual time is safe
+                with trio.fail_after(10 * (interval + period)):
+                    await events["started"].wait()
+                waited = started[0] - arrived
+                assert interval - 1e-9 <= waited <= interval + period + 1e-9, (n, waited)
+                await events["flushed"].wait()  # the index write, in a worker thread
+                assert persisted_blocks(directory) == {3}
+                caches.clear()
+        nursery.cancel_scope.cancel()
 
 
 # -- kill -9 of `rangefs download` ----------------------------------------------------------
@@ -528,60 +581,14 @@ def fill_up(path: Path) -> int:
     return written
 
 
-def gets_by_path(origin: FaultServer) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in origin.gets():
-        out[r.path] = out.get(r.path, 0) + 1
-    return out
-
-
-def test_full_cache_refuses_what_does_not_fit_before_fetching(
+def test_disk_full_while_reading_then_kill_9_keeps_the_cache_consistent(
     tmp_path: Path, mnt: Path, origin: FaultServer
 ) -> None:
-    """An 8 MiB cache: a 12 MiB object fails at open (ENOSPC, logged) without a byte
-    fetched; 1+3+3 MiB fit, a fourth object of 3 MiB no longer does; after a remount the
-    cached objects are complete and served without the network."""
-    sizes = {"/big": 12 * MIB, "/small": 1 * MIB, "/mid1": 3 * MIB, "/mid2": 3 * MIB,
-             "/mid3": 3 * MIB}
-    for path, size in sizes.items():
-        origin.add(path, size)
-    urls = write_list(tmp_path / "r.urls", [origin.url(p) for p in sizes])
-    with tmpfs(tmp_path / "fs", "8m") as fs:
-        cache = fs / "cache"
-        for session in range(2):
-            origin.reset_log()
-            with mounted(urls, mnt, "--block-size", "256K", cache_dir=cache,
-                         warnings_ok=True) as mount:
-                for path in ("/big", "/mid3") if session else ("/big",):
-                    with pytest.raises(OSError) as info:
-                        (mnt / path.lstrip("/")).read_bytes()
-                    assert info.value.errno in (errno.ENOSPC, errno.EIO), info.value
-                for path in ("/small", "/mid1", "/mid2"):
-                    content.check(path, 0, (mnt / path.lstrip("/")).read_bytes())
-                if not session:
-                    with pytest.raises(OSError) as info:
-                        (mnt / "mid3").read_bytes()
-                    assert info.value.errno in (errno.ENOSPC, errno.EIO), info.value
-                log = mount.stderr()
-            lines = [ln for ln in log.splitlines() if "not enough space" in ln]
-            assert any("/big" in ln and "12582912" in ln for ln in lines), log
-            assert any("/mid3" in ln for ln in lines), log
-            fetched = gets_by_path(origin)
-            assert "/big" not in fetched and "/mid3" not in fetched, fetched
-            if session:  # the remount: complete and consistent, nothing fetched again
-                assert fetched == {}, fetched
-        for path in ("/small", "/mid1", "/mid2"):
-            objdir = cache / "objects" / cache_key(origin.url(path))
-            assert persisted_blocks(objdir) == set(range(sizes[path] // (256 * KIB)))
-
-
-def test_disk_full_while_filling_then_kill_9_keeps_the_cache_consistent(
-    tmp_path: Path, mnt: Path, origin: FaultServer
-) -> None:
-    """The disk fills up after an object's space was reserved: its blocks are still
-    fetched and served right, the index cannot be written (logged, retried with backoff,
-    never torn); a kill -9 then, and a remount once there is space: every byte right,
-    nothing the surviving index claims fetched again."""
+    """Another program fills the cache's file system while a file is read (data files are
+    sparse: nothing was reserved): reads whose blocks cannot be stored fail with ENOSPC or
+    EIO, never with a wrong byte, and the cache gives back what it can; a kill -9 then
+    leaves a valid index that claims only right bytes, and a remount once there is space
+    reads every byte right without fetching again what the index claims."""
     size, bs = 2 * MIB, 256 * KIB
     origin.add("/a", size)
     urls = write_list(tmp_path / "r.urls", [origin.url("/a")])
@@ -592,37 +599,89 @@ def test_disk_full_while_filling_then_kill_9_keeps_the_cache_consistent(
         mount = start_mount(urls, mnt, *args, cache_dir=cache)
         try:
             mount.wait_mounted()
-            with open(mnt / "a", "rb", buffering=0) as fh:  # the open reserves the space
+            with open(mnt / "a", "rb", buffering=0) as fh:
                 os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead
                 content.check("/a", 0, os.pread(fh.fileno(), bs, 0))  # block 0 only
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + 30  # a hang guard
                 while persisted_blocks(objdir) != {0}:
                     assert time.monotonic() < deadline, mount.stderr()
                     time.sleep(0.05)
                 fill_up(fs / "filler")
-                content.check("/a", bs, os.pread(fh.fileno(), size, bs))
-                time.sleep(2.5)  # flushes fail meanwhile: retried after 1 s, then 2 s
+                failures = 0
+                for offset in range(bs, size, bs):
+                    try:
+                        content.check("/a", offset, os.pread(fh.fileno(), bs, offset))
+                    except OSError as exc:
+                        assert exc.errno in (errno.ENOSPC, errno.EIO), exc
+                        failures += 1
+                assert failures > 0  # the disk was full: not every block could be stored
             log = mount.stderr()
             mount.send(signal.SIGKILL)
             assert mount.wait_exit() == -signal.SIGKILL
         finally:
             mount.cleanup()
-        failures = [ln for ln in log.splitlines() if "cannot persist the cache index" in ln]
-        assert 1 <= len(failures) <= 3, log  # backoff: no tight loop of errors
-        assert "no space left" in failures[0] or "No space left" in failures[0], failures
+        assert "No space left" in log or "not enough space" in log, log
         assert "Traceback" not in log
         survived = persisted_blocks(objdir)  # a valid index (read_index checks it all)
-        assert survived == {0}
+        with open(objdir / "data", "rb") as data:
+            for block in survived:  # what the index claims is right on disk
+                content.check("/a", block * bs, os.pread(data.fileno(), bs, block * bs))
         (fs / "filler").unlink()
         origin.reset_log()
-        again = tmp_path / "mnt2"  # a log of its own: this mount must not warn
-        with mounted(urls, again, *args, cache_dir=cache):
+        again = tmp_path / "mnt2"
+        with mounted(urls, again, *args, cache_dir=cache, warnings_ok=True):
             content.check("/a", 0, (again / "a").read_bytes())
         fetched = sorted(
             b for r in body_gets(origin, "/a") for b in requested_blocks(r, bs, size)
         )
         assert fetched == sorted(set(range(size // bs)) - survived)
-        assert persisted_blocks(objdir) == set(range(size // bs))
+
+
+async def test_a_failing_index_flush_is_retried_with_backoff_and_logged_once_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, autojump_clock: trio.abc.Clock
+) -> None:
+    """A cache whose index cannot be persisted (a full disk) is retried after 1 s,
+    doubling up to 30 s: no tight loop of errors, one log line per failure saying when it
+    is retried; the other caches are flushed meanwhile; once it works, one line says so."""
+    attempts: list[float] = []
+    healthy_flushes: list[float] = []
+
+    class Cache:
+        closed = False
+        directory = tmp_path / "obj"
+
+        def __init__(self, fail_until: float, record: list[float]) -> None:
+            self.fail_until = fail_until
+            self.record = record
+
+        def needs_flush(self) -> bool:
+            return True
+
+        async def flush(self) -> None:
+            now = trio.current_time()
+            self.record.append(now)
+            await trio.lowlevel.checkpoint()
+            if now < self.fail_until:
+                raise errors.NotEnoughSpace("writing the index: No space left on device")
+
+    start = trio.current_time()
+    failing = Cache(start + 100, attempts)
+    healthy = Cache(0.0, healthy_flushes)
+
+    caplog.set_level(logging.INFO)
+    with trio.move_on_after(140):
+        await scheduler.flush_periodically(lambda: [failing, healthy])
+    gaps = [round(b - a, 1) for a, b in itertools.pairwise(attempts)]
+    period = scheduler.FLUSH_PERIOD
+    expected = [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert len(gaps) >= len(expected), gaps
+    for gap, delay in zip(gaps, expected, strict=False):
+        assert delay <= gap <= delay + 2 * period, gaps
+    failures = [r for r in caplog.records if "cannot persist the cache index" in r.getMessage()]
+    assert len(failures) == len([t for t in attempts if t < start + 100])
+    assert "retrying in 1 s" in failures[0].getMessage()
+    assert any("persisted again" in r.getMessage() for r in caplog.records)
+    assert len(healthy_flushes) > 1000  # the other cache was flushed every period
 
 
 def _assert_refused(result: subprocess.CompletedProcess[str], mnt: Path, *words: str) -> None:

@@ -32,6 +32,17 @@ LIMIT = 5.0
 TIMEOUTS = {"connect": LIMIT, "read": LIMIT, "write": LIMIT, "pool": LIMIT}
 
 
+@pytest.fixture
+def jump_clock() -> trio.testing.MockClock:
+    """trio's clock for the timeout tests: virtual time that stands still (rate 0) and
+    jumps to the next deadline once every task has waited for 0.25 s of real time with no
+    I/O ready. Client and server talk over loopback, where what one side sends is ready
+    for the other at once, so the clock jumps only when every task waits for a timer: a
+    timeout fires exactly at its deadline and the virtual time it took is the timeout,
+    on a fast or a loaded machine alike (and LIMIT stays a hang guard: it is virtual too)."""
+    return trio.testing.MockClock(autojump_threshold=0.25)
+
+
 # -- test servers ----------------------------------------------------------------------------
 
 
@@ -427,7 +438,10 @@ async def test_request_connection_close_is_honoured(nursery: trio.Nursery) -> No
     assert server.accepted == 2
 
 
-async def test_unsolicited_bytes_prevent_reuse(nursery: trio.Nursery) -> None:
+async def test_unsolicited_bytes_prevent_reuse(
+    nursery: trio.Nursery, jump_clock: trio.testing.MockClock
+) -> None:
+    # on the jump clock the server's pauses end before the client's longer ones, always
     async def handler(peer: Peer, server: Server, index: int) -> None:
         while await peer.request() is not None:
             if index == 0:  # extra bytes right after the body, in the same send
@@ -688,7 +702,9 @@ async def test_reset_mid_body(nursery: trio.Nursery) -> None:
 # -- timeouts and connect errors --------------------------------------------------------------
 
 
-async def test_stalled_server_read_timeout(nursery: trio.Nursery) -> None:
+async def test_stalled_server_read_timeout(
+    nursery: trio.Nursery, jump_clock: trio.testing.MockClock
+) -> None:
     async def handler(peer: Peer, server: Server, index: int) -> None:
         await peer.request()
         if index == 1:
@@ -703,11 +719,11 @@ async def test_stalled_server_read_timeout(nursery: trio.Nursery) -> None:
             with trio.fail_after(LIMIT), pytest.raises(httpx.ReadTimeout):
                 response = await t.handle_async_request(req("GET", server.url(), timeout=timeout))
                 await response.aread()
-            assert 0.25 < trio.current_time() - start < 2.0
+            assert trio.current_time() - start == pytest.approx(0.3)  # read, not another
         assert t.open_connections == 0
 
 
-async def test_write_timeout(nursery: trio.Nursery) -> None:
+async def test_write_timeout(nursery: trio.Nursery, jump_clock: trio.testing.MockClock) -> None:
     async def handler(peer: Peer, server: Server, index: int) -> None:
         await trio.sleep_forever()  # never reads
 
@@ -719,7 +735,7 @@ async def test_write_timeout(nursery: trio.Nursery) -> None:
             await t.handle_async_request(
                 req("POST", server.url(), content=b"\0" * (64 << 20), timeout=timeout)
             )
-        assert trio.current_time() - start < 3.0
+        assert trio.current_time() - start == pytest.approx(0.3)  # write, not another
         assert t.open_connections == 0
 
 
@@ -733,7 +749,7 @@ async def test_connect_refused() -> None:
             assert t.open_connections == 0  # the slot was given back
 
 
-async def test_connect_timeout() -> None:
+async def test_connect_timeout(jump_clock: trio.testing.MockClock) -> None:
     with socket.socket() as listener, socket.socket() as filler:
         listener.bind(("127.0.0.1", 0))
         listener.listen(0)
@@ -746,7 +762,7 @@ async def test_connect_timeout() -> None:
                 await t.handle_async_request(
                     req("GET", f"http://127.0.0.1:{port}/", timeout=timeout)
                 )
-            assert trio.current_time() - start < 2.0
+            assert trio.current_time() - start == pytest.approx(0.3)  # connect, not another
             assert t.open_connections == 0
 
 
@@ -774,7 +790,9 @@ async def test_pool_limit_third_request_waits(nursery: trio.Nursery) -> None:
                 for i in range(3):
                     inner.start_soon(one, i)
                 await server.until(lambda: len(server.requests) == 2)
-                await trio.sleep(0.1)
+                # every task waits: a third request that had a connection would have been
+                # accepted and seen by now (loopback I/O is ready at once)
+                await trio.testing.wait_all_tasks_blocked(0.01)
                 assert server.accepted == 2
                 assert len(server.requests) == 2  # the third waits for a connection
                 assert t.open_connections == 2
@@ -784,7 +802,7 @@ async def test_pool_limit_third_request_waits(nursery: trio.Nursery) -> None:
     assert server.accepted == 2  # the third reused a released connection
 
 
-async def test_pool_timeout(nursery: trio.Nursery) -> None:
+async def test_pool_timeout(nursery: trio.Nursery, jump_clock: trio.testing.MockClock) -> None:
     server = await serve(nursery, keepalive(lambda head: ok(b"a" * 100_000)))
     async with FastTransport(max_connections=1) as t:
         with trio.fail_after(LIMIT):
@@ -792,7 +810,7 @@ async def test_pool_timeout(nursery: trio.Nursery) -> None:
             start = trio.current_time()
             with pytest.raises(httpx.PoolTimeout):
                 await t.handle_async_request(req("GET", server.url(), timeout={"pool": 0.2}))
-            assert 0.15 < trio.current_time() - start < 2.0
+            assert trio.current_time() - start == pytest.approx(0.2)  # pool, not another
             assert len(await held.aread()) == 100_000
             await held.aclose()
         assert len((await fetch(t, "GET", server.url())).content) == 100_000
@@ -1113,7 +1131,11 @@ async def test_through_async_client(nursery: trio.Nursery) -> None:
     assert any(line.lower().startswith(b"user-agent: python-httpx") for line in sent)
 
 
-async def test_many_head_probes_are_quick(nursery: trio.Nursery) -> None:
+async def test_many_head_probes_are_quick(
+    nursery: trio.Nursery, jump_clock: trio.testing.MockClock
+) -> None:
+    """1000 HEADs with a Content-Length: none waits for a body (on the jump clock, LIMIT
+    is the time the probes wait for a timer, not how fast this machine is)."""
     server = await serve(
         nursery, keepalive(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 123\r\n\r\n")
     )

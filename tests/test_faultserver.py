@@ -449,9 +449,8 @@ def test_stop_closes_idle_and_stalled_connections() -> None:
     while not server.log:
         time.sleep(0.01)
     before = threading.active_count()
-    started = time.monotonic()
+    # stop() raises if a thread is still alive after its 5 s: the 60 s stall was cut short
     server.stop()
-    assert time.monotonic() - started < 2
     assert threading.active_count() <= before - 3  # acceptor and both connection threads
     idle.close()
     stalled.close()
