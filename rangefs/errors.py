@@ -19,6 +19,7 @@ with one errno table.
     │   └── CacheClosed            use after close()
     ├── SourceError                the remote object (URL always redacted)
     │   ├── TransientError         retry later (5xx, 408, 429, reset, short body ...)
+    │   │   └── Unreachable        no connection: the name does not resolve, refused
     │   ├── PermanentError         retrying will not help (404, 403, bad answer ...)
     │   ├── RemoteChanged          the validator / size differs: another version
     │   ├── ReadTimeout            a reader's wait for its blocks passed its deadline
@@ -91,6 +92,12 @@ class TransientError(SourceError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Unreachable(TransientError):
+    """No connection could be made (the host name does not resolve, the connection is
+    refused). One-off requests (probes, ``cat``, ``download``) retry it only a couple of
+    times, quickly: it is rarely a blip, and a bad URL must fail fast."""
 
 
 class PermanentError(SourceError):

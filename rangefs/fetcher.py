@@ -59,6 +59,7 @@ from .errors import (
     RetriesExhausted,
     SourceError,
     TransientError,
+    Unreachable,
 )
 from .ranges import ByteRange, range_for_index
 from .ratecontrol import BackoffPolicy, Limiter
@@ -73,6 +74,11 @@ T = TypeVar("T")
 DEFAULT_DEMAND_REQUEST_BYTES = 256 << 10
 DEMAND_SPLIT = 4  # most requests one reader's wait is split into (larger runs beyond)
 DEFAULT_FILL_REQUEST_BYTES = 4 << 20  # largest run one background request asks for
+# One-off requests (probes, cat, download) retry a host that cannot be reached (no such
+# name, connection refused) this often, at most this many seconds apart: a bad URL fails
+# within a second or two, not after the full backoff (8 retries, ~30 s).
+UNREACHABLE_RETRIES = 2
+UNREACHABLE_DELAY = 0.5
 PREFETCH_WORKERS = 8  # read-ahead requests of one object at a time (32 MiB in 4 MiB runs)
 READERS_TRACKED = 16  # reader positions (and read-ahead windows) one object remembers
 
@@ -639,11 +645,18 @@ async def retry_transient(call: Callable[[], Awaitable[T]], policy: BackoffPolic
     errors pass through at once. For one-off requests such as probes.
     """
     backoff = policy.new()
+    unreachable = 0
     while True:
         try:
             return await call()
         except TransientError as exc:
             delay = backoff.delay_for(exc)
+            if isinstance(exc, Unreachable):
+                unreachable += 1
+                if unreachable > UNREACHABLE_RETRIES:
+                    delay = None
+                elif delay is not None:
+                    delay = min(delay, UNREACHABLE_DELAY)
             if delay is None:
                 raise RetriesExhausted(
                     f"{what}: gave up after {backoff.retries} retries: {exc}"

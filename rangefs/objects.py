@@ -960,8 +960,8 @@ class ObjectStore:
                 async for obj in objects:
                     try:
                         await obj.probe()
-                    except RangefsError as exc:
-                        log.info("%s: probe at mount failed: %s", obj.name, exc)
+                    except RangefsError as exc:  # once per entry; its lookups say EIO
+                        log.warning("%s: probe at mount failed: %s", obj.name, exc)
                     except Exception as exc:  # a bug: logged, the other probes go on
                         contain(f"probe of {obj.name}", exc)
 

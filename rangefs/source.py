@@ -39,6 +39,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import re
+import socket
 import ssl
 import time
 import urllib.request
@@ -59,6 +60,7 @@ from rangefs.errors import (
     RemoteChanged,
     SourceError,
     TransientError,
+    Unreachable,
 )
 from rangefs.fasthttp import FastTransport
 from rangefs.ranges import ByteRange
@@ -451,6 +453,11 @@ class HttpSession:
         text = f"{label}: {self._describe(exc, url, original)}{_at(url, original)}"
         if isinstance(exc, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
             return PermanentError(text)
+        why = _unreachable(exc) if isinstance(exc, httpx.ConnectError) else None
+        if why is not None:
+            port = url.port or _DEFAULT_PORTS.get(url.scheme, 0)
+            return Unreachable(f"{label}: cannot connect to {url.host}:{port}: {why}"
+                               f"{_at(url, original)}")
         return TransientError(text)
 
     def _describe(self, exc: BaseException, *urls: httpx.URL) -> str:
@@ -768,6 +775,23 @@ _NOT_TLS: Final = frozenset({
     "WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST", "UNKNOWN_PROTOCOL",
     "PACKET_LENGTH_TOO_LONG", "UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION",
 })
+
+
+def _unreachable(exc: BaseException, depth: int = 0) -> str | None:
+    """Why no connection could be made, if ``exc`` says the name does not resolve or the
+    connection was refused (every address tried, for trio's happy eyeballs: an exception
+    group); None for anything else."""
+    if depth > 8:
+        return None
+    if isinstance(exc, socket.gaierror):
+        return f"the host name does not resolve ({exc.strerror})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, BaseExceptionGroup):
+        reasons = {_unreachable(member, depth + 1) for member in exc.exceptions}
+        return None if None in reasons else ", ".join(sorted(r for r in reasons if r))
+    cause = exc.__cause__ or exc.__context__
+    return None if cause is None else _unreachable(cause, depth + 1)
 
 
 def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
