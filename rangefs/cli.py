@@ -311,17 +311,33 @@ def setup_logging(*, verbose: int, debug: bool, log_file: str | None) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
-def _log_to_syslog_when_detached() -> None:
-    """A daemon without --log-file keeps its log in syslog (stderr goes to /dev/null)."""
-    if not os.path.exists("/dev/log"):
-        return
-    try:
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-    except OSError:
-        return
-    handler.setFormatter(
-        RedactingFormatter("rangefs[%(process)d]: %(levelname)s %(name)s: %(message)s")
-    )
+DETACHED_LOG_NAME = "rangefs.log"  # in the cache directory, when there is no syslog
+
+
+def _log_when_detached(cache: Path) -> None:
+    """A daemon without --log-file (stderr goes to /dev/null) logs to syslog (the journal
+    on systemd hosts) when /dev/log exists, else to CACHE/rangefs.log (0600, rotated at
+    10 MiB, 2 old files kept): a user always finds the reason for an EIO somewhere."""
+    handler: logging.Handler | None = None
+    if os.path.exists("/dev/log"):
+        try:
+            handler = logging.handlers.SysLogHandler(address="/dev/log")
+            handler.setFormatter(
+                RedactingFormatter("rangefs[%(process)d]: %(levelname)s %(name)s: %(message)s")
+            )
+        except OSError:
+            handler = None
+    if handler is None:
+        path = cache / DETACHED_LOG_NAME
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+            handler = logging.handlers.RotatingFileHandler(
+                path, maxBytes=10 << 20, backupCount=2, encoding="utf-8"
+            )
+        except OSError as exc:
+            log.warning("no syslog and cannot write %s: the log is lost (%s)", path, exc)
+            return
+        handler.setFormatter(RedactingFormatter(_FORMAT))
     logging.getLogger().addHandler(handler)
 
 
@@ -409,8 +425,9 @@ def rangefs() -> None:
                    "debugging).  [default: return once the mount is ready and keep serving it "
                    "in the background]")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,
-              help="Append the log to this file.  [default: stderr; syslog once in the "
-                   "background]")
+              help="Append the log to this file.  [default: stderr in the foreground; in "
+                   "the background syslog (the journal) when /dev/log exists, else "
+                   "CACHE_DIR/rangefs.log]")
 @click.option("-v", "--verbose", count=True,
               help="More log output: -v info, -vv debug.  [default: warnings and errors only]")
 @click.option("--debug", is_flag=True,
@@ -478,7 +495,7 @@ def mount_command(
             daemon = service.Daemon()
             daemon.fork()  # the parent exits inside, with the child's outcome
             if log_file is None:
-                _log_to_syslog_when_detached()
+                _log_when_detached(cache)
         on_ready = _ready_callback(daemon)
         trio.run(functools.partial(run_mount, config, entries, on_ready=on_ready))
     except (UsageError, CacheLocked) as exc:  # UrlListError too; CacheLocked: another cache

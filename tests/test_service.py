@@ -245,3 +245,31 @@ def test_readme_documents_install_and_use() -> None:
         "/var/cache/rangefs/", "journalctl", "--allow-other", "fusermount3",
     ):
         assert needle in text, needle
+
+
+def test_a_detached_mount_without_log_file_logs_where_help_says(tmp_path: Path) -> None:
+    """Without --foreground and --log-file, stderr is /dev/null: the log goes to syslog
+    (the journal) where /dev/log exists, else to CACHE_DIR/rangefs.log (0600), so the
+    reason for an EIO is always written somewhere a user can find."""
+    require_fuse()
+    urls = write_list(tmp_path / "l.urls", ["http://127.0.0.1:9/a bad"])
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = tmp_path / "c"
+    log_path = cache / "rangefs.log"
+    try:
+        result = run_rangefs(["mount", "--cache-dir", str(cache), str(urls), str(mnt)])
+        assert result.returncode == 0, result.stderr
+        with pytest.raises(OSError):
+            os.stat(mnt / "bad")
+    finally:
+        unmount(mnt)
+    if os.path.exists("/dev/log"):
+        assert not log_path.exists()  # syslog has it
+        return
+    hang_guard = time.monotonic() + 30
+    while "connection refused" not in (log_path.read_text() if log_path.exists() else ""):
+        assert time.monotonic() < hang_guard, "the probe failure was not logged"
+        time.sleep(0.05)
+    assert log_path.stat().st_mode & 0o777 == 0o600
+    assert "127.0.0.1:9" in log_path.read_text()
