@@ -255,8 +255,15 @@ def check_private_dir(path: Path, what: str, advice: str) -> None:
     if st.st_uid not in (os.geteuid(), 0):
         raise UsageError(f"{what} {path} belongs to another user (uid {st.st_uid}): {advice}")
     if st.st_mode & 0o022:
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & stat.S_ISVTX or st.st_uid != os.geteuid():
+            # a shared directory such as /tmp: never advise making it private
+            raise UsageError(
+                f"{what} {path} is shared with other users (mode {mode:o}): {advice} "
+                f"(e.g. a new directory inside it: it is created private)"
+            )
         raise UsageError(
-            f"{what} {path} can be written by other users (mode {stat.S_IMODE(st.st_mode):o}): "
+            f"{what} {path} can be written by other users (mode {mode:o}): "
             f"make it private (chmod 700 {path}) or {advice}"
         )
 

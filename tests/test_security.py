@@ -360,7 +360,7 @@ def test_cache_dir_private_from_creation_even_under_umask_000(
 
 @pytest.mark.parametrize(("mode", "owner", "reason"), [
     (0o777, 0, "can be written by other users (mode 777)"),
-    (0o1777, 0, "can be written by other users (mode 1777)"),  # like /tmp
+    (0o1777, 0, "is shared with other users (mode 1777)"),  # like /tmp: never "chmod 700"
     (0o770, 0, "can be written by other users (mode 770)"),
     (0o700, NOBODY, "belongs to another user (uid 65534)"),
 ])
@@ -381,6 +381,7 @@ def test_a_cache_dir_others_could_write_to_is_refused(
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"rangefs: cache directory {cache} {reason}"), result.stderr
     assert result.stderr.count("\n") == 1
+    assert ("chmod 700" in result.stderr) == (mode == 0o777 or mode == 0o770)
     assert not is_mounted(mnt)
     assert os.listdir(cache) == []
 
