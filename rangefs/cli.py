@@ -36,6 +36,7 @@ from .download import DownloadOptions, DownloadStats, cat_url, download_file, pa
 from .errors import CacheLocked, RangefsError, UsageError
 from .mount import MountConfig, check_mountpoint, run_mount
 from .objects import Prefetch, StoreConfig
+from .proxies import ProxyConfig
 from .ratecontrol import BackoffPolicy
 from .redact import redact_text, redact_url
 from .source import HttpOptions, tls_context
@@ -416,6 +417,12 @@ def rangefs() -> None:
               help="HTTP header sent with every request (repeatable), e.g. "
                    "'Authorization: Bearer ...'. Never logged; visible in ps: prefer "
                    "--header-file for secrets. Dropped on redirects to another origin.")
+@click.option("--proxy", default=None, metavar="URL",
+              help="http:// forward proxy for every request (https through CONNECT; "
+                   "user:password@ for proxy authentication).  [default: HTTP_PROXY, "
+                   "HTTPS_PROXY, ALL_PROXY and NO_PROXY from the environment]")
+@click.option("--no-proxy", is_flag=True,
+              help="Ignore the proxy variables of the environment.")
 @click.option("--cacert", type=click.Path(dir_okay=False), envvar="RANGEFS_CACERT",
               show_envvar=True, default=None, metavar="FILE",
               help="PEM file of CA certificates to trust beside the system's trust store "
@@ -451,6 +458,8 @@ def mount_command(
     prefetch: str,
     read_timeout: float,
     headers: Sequence[str],
+    proxy: str | None,
+    no_proxy: bool,
     cacert: str | None,
     header_file: str | None,
     allow_other: bool,
@@ -470,6 +479,7 @@ def mount_command(
         setup_logging(verbose=verbose, debug=debug, log_file=log_file)
         http_headers = _http_headers(headers, header_file)
         trusted = _cacert(cacert)
+        _check_proxy(proxy, no_proxy)
         entries = read_url_list(urllist)
         target = Path(mountpoint).absolute()
         service.clear_stale_mount(target)  # only a rangefs mount whose process is gone
@@ -486,7 +496,8 @@ def mount_command(
                 prefetch=Prefetch(prefetch),
                 read_timeout=read_timeout,
                 # a stalled body is dropped and retried well within a reader's deadline
-                http=HttpOptions(headers=http_headers, cacert=trusted,
+                http=HttpOptions(headers=http_headers, cacert=trusted, proxy=proxy,
+                                 trust_env=not no_proxy,
                                  read_timeout=min(30.0, max(1.0, read_timeout / 2)),
                                  # demand (2 x N) + fill slots, and the probes'
                                  max_connections=(3 + PROBES_PER_SLOT) * concurrency),
@@ -522,6 +533,12 @@ def _ready_callback(daemon: service.Daemon | None) -> Callable[[], None]:
             service.notify("READY=1\nSTATUS=mounted")
 
     return on_ready
+
+
+def _check_proxy(proxy: str | None, no_proxy: bool) -> str | None:
+    """--proxy / the environment's proxy variables: UsageError when unusable."""
+    ProxyConfig.resolve(proxy, trust_env=not no_proxy)
+    return proxy
 
 
 def _cacert(path: str | None) -> str | None:
@@ -586,6 +603,11 @@ def _transfer_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      show_envvar=True, default=None, metavar="FILE",
                      help="PEM file of CA certificates to trust beside the system's trust "
                           "store (which honours SSL_CERT_FILE and SSL_CERT_DIR)."),
+        click.option("--proxy", default=None, metavar="URL",
+                     help="http:// forward proxy for every request.  [default: HTTP_PROXY, "
+                          "HTTPS_PROXY, ALL_PROXY, NO_PROXY]"),
+        click.option("--no-proxy", is_flag=True,
+                     help="Ignore the proxy variables of the environment."),
         click.option("-v", "--verbose", count=True, help="More log output: -v info, -vv debug."),
     ]
     for option in reversed(options):
@@ -596,7 +618,8 @@ def _transfer_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def _download_options(
     *, block_size: int, concurrency: int, max_rate: int | None, sha256: str | None,
     retries: int, read_timeout: float, headers: Sequence[str], header_file: str | None,
-    cacert: str | None = None, force: bool = False,
+    cacert: str | None = None, proxy: str | None = None, no_proxy: bool = False,
+    force: bool = False,
 ) -> DownloadOptions:
     digest = None
     if sha256 is not None:
@@ -609,7 +632,8 @@ def _download_options(
         concurrency=concurrency,
         max_rate=float(max_rate) if max_rate is not None else None,
         http=HttpOptions(headers=_http_headers(headers, header_file), read_timeout=read_timeout,
-                         cacert=_cacert(cacert)),
+                         cacert=_cacert(cacert), proxy=_check_proxy(proxy, no_proxy),
+                         trust_env=not no_proxy),
         backoff=BackoffPolicy(steps=retries),
         digest=digest,
         force=force,

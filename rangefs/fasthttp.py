@@ -47,6 +47,8 @@ from typing import Final, cast
 import httpx
 import trio
 
+from .proxies import Proxy, ProxyConfig
+
 __all__ = ["MAX_HEAD_BYTES", "MAX_HEAD_LINES", "FastTransport"]
 
 MAX_HEAD_BYTES: Final = 64 * 1024
@@ -83,6 +85,18 @@ def _describe(exc: BaseException) -> str:
     """A one-line description of ``exc`` (or of its cause, for trio's wrapper exceptions)."""
     inner = exc.__cause__ if exc.__cause__ is not None else exc
     return f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
+
+
+class ProxyRefused(httpx.ProxyError):
+    """The proxy could not be reached, or refused the request; ``status`` is its answer to
+    CONNECT, if there was one."""
+
+    def __init__(
+        self, message: str, *, status: int | None, request: httpx.Request, proxy: str = ""
+    ) -> None:
+        super().__init__(message, request=request)
+        self.status = status
+        self.proxy = proxy  # its URL without credentials
 
 
 class _Conn:
@@ -248,13 +262,22 @@ class _Stale(Exception):
         self.error = error
 
 
-def _serialize(request: httpx.Request, body: bytes) -> tuple[bytes, bool]:
-    """The request bytes (head + body) and whether the request asks to close."""
+def _serialize(
+    request: httpx.Request, body: bytes, proxy: Proxy | None = None
+) -> tuple[bytes, bool]:
+    """The request bytes (head + body) and whether the request asks to close. Through a
+    ``proxy`` (plain http only) the target is the absolute URL, with the proxy's
+    credentials."""
     try:
         method = request.method.encode("ascii")
     except UnicodeEncodeError as exc:
         raise httpx.LocalProtocolError("non-ASCII method", request=request) from exc
-    parts = [method, b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
+    target = request.url.raw_path
+    if proxy is not None:
+        target = b"http://" + request.url.netloc + target
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    if proxy is not None and proxy.authorization is not None:
+        parts += (b"Proxy-Authorization", b": ", proxy.authorization, b"\r\n")
     has_length = False
     had_te = False
     close = False
@@ -543,7 +566,10 @@ class FastTransport(httpx.AsyncBaseTransport):
     ``max_connections`` bounds open connections (in use + idle) over all origins;
     ``max_keepalive`` bounds idle ones (default: ``max_connections``); ``ssl_context`` is
     used for https (default: certifi's CAs if installed, else the system's);
-    ``receive_size`` is the most bytes asked of the socket per receive.
+    ``receive_size`` is the most bytes asked of the socket per receive; ``proxies`` says
+    which origins are reached through an http:// forward proxy (``proxies.py``): plain
+    http in absolute form, https through a ``CONNECT`` tunnel. A proxy that refuses or
+    cannot be reached raises :class:`ProxyRefused` (an ``httpx.ProxyError``).
     """
 
     def __init__(
@@ -553,6 +579,7 @@ class FastTransport(httpx.AsyncBaseTransport):
         max_keepalive: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
         receive_size: int = 128 * 1024,
+        proxies: ProxyConfig | None = None,
     ) -> None:
         if max_connections < 1 or receive_size < 1:
             raise ValueError("max_connections and receive_size must be >= 1")
@@ -564,6 +591,8 @@ class FastTransport(httpx.AsyncBaseTransport):
         if ssl_context is not None:
             ssl_context.set_alpn_protocols(["http/1.1"])
         self._receive_size = receive_size
+        self._proxies = proxies if proxies else None
+        self._routes: dict[_Origin, Proxy | None] = {}  # the proxy of each origin
         self._idle: dict[_Origin, deque[_Conn]] = {}
         self._lru: OrderedDict[_Conn, None] = OrderedDict()  # all idle, oldest first
         self._all: set[_Conn] = set()  # connections holding a slot
@@ -597,7 +626,8 @@ class FastTransport(httpx.AsyncBaseTransport):
         origin = (scheme, host, url.port or default_port)
         timeouts = request.extensions.get("timeout") or {}
         body = await request.aread()
-        payload, close = _serialize(request, body)
+        proxy = self._route(origin)
+        payload, close = _serialize(request, body, proxy if scheme == "http" else None)
         connect_timeout = timeouts.get("connect")
         conn = await self._acquire(origin, timeouts.get("pool"), connect_timeout, request)
         retried = False
@@ -824,9 +854,20 @@ class FastTransport(httpx.AsyncBaseTransport):
             if self._closed:
                 raise self._closed_error(request)
             with trio.CancelScope(deadline=deadline):
-                tcp = await trio.open_tcp_stream(host, port)  # with TCP_NODELAY
+                proxy = self._route(origin)
+                if proxy is None:
+                    tcp = await trio.open_tcp_stream(host, port)  # with TCP_NODELAY
+                else:
+                    try:
+                        tcp = await trio.open_tcp_stream(proxy.host, proxy.port)
+                    except OSError as exc:
+                        raise ProxyRefused(
+                            f"cannot connect to the proxy {proxy.name}: {_describe(exc)}",
+                            status=None, request=request, proxy=proxy.name) from exc
                 conn: _Conn
                 try:
+                    if proxy is not None and scheme == "https":
+                        await self._tunnel(tcp, origin, proxy, request)
                     if scheme == "https":
                         tls = trio.SSLStream(
                             tcp, self._tls_context(), server_hostname=host, https_compatible=True
@@ -856,6 +897,51 @@ class FastTransport(httpx.AsyncBaseTransport):
             raise
         self._free_slot()
         raise httpx.ConnectTimeout(f"could not connect within {limit} s", request=request)
+
+    def _route(self, origin: _Origin) -> Proxy | None:
+        """The proxy for ``origin`` (None: directly), decided once per origin."""
+        if self._proxies is None:
+            return None
+        try:
+            return self._routes[origin]
+        except KeyError:
+            proxy = self._routes[origin] = self._proxies.for_origin(*origin)
+            return proxy
+
+    async def _tunnel(
+        self, tcp: trio.SocketStream, origin: _Origin, proxy: Proxy, request: httpx.Request
+    ) -> None:
+        """``CONNECT host:port`` through ``proxy`` on ``tcp``; returns once it answered 2xx
+        (the stream then carries the TLS handshake), else ProxyRefused."""
+        _, host, port = origin
+        target = f"{host}:{port}".encode("ascii")
+        parts = [b"CONNECT ", target, b" HTTP/1.1\r\nHost: ", target, b"\r\n"]
+        if proxy.authorization is not None:
+            parts += [b"Proxy-Authorization: ", proxy.authorization, b"\r\n"]
+        await tcp.send_all(b"".join([*parts, b"\r\n"]))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = await tcp.receive_some(4096)
+            if not data or len(head) > MAX_HEAD_BYTES:
+                raise ProxyRefused(
+                    f"the proxy {proxy.name} closed the connection during CONNECT "
+                    f"{host}:{port}", status=None, request=request)
+            head += data
+        end = head.index(b"\r\n\r\n")
+        if end + 4 != len(head):
+            raise ProxyRefused(f"the proxy {proxy.name} sent bytes after its CONNECT answer",
+                               status=None, request=request)
+        try:
+            status, reason, *_ = _parse_head(head[:end])
+        except ValueError as exc:
+            raise ProxyRefused(f"the proxy {proxy.name} gave a malformed CONNECT answer",
+                               status=None, request=request) from exc
+        if not 200 <= status < 300:
+            text = reason.decode("ascii", "replace")
+            raise ProxyRefused(
+                f"the proxy {proxy.name} refused CONNECT {host}:{port}: {status} {text}"
+                + (" (give user:password in the proxy URL)" if status == 407 else ""),
+                status=status, request=request)
 
     def _tls_context(self) -> ssl.SSLContext:
         context = self._ssl_context

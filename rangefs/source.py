@@ -42,7 +42,6 @@ import re
 import socket
 import ssl
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -62,7 +61,8 @@ from rangefs.errors import (
     TransientError,
     Unreachable,
 )
-from rangefs.fasthttp import FastTransport
+from rangefs.fasthttp import FastTransport, ProxyRefused
+from rangefs.proxies import ProxyConfig
 from rangefs.ranges import ByteRange
 from rangefs.redact import redact_url
 
@@ -122,6 +122,8 @@ class HttpOptions:
     max_redirects: int = 10
     retry_after_cap: float = 120.0
     cacert: str | None = None  # PEM file of CA certificates trusted beside the system's
+    proxy: str | None = field(default=None, repr=False)  # --proxy URL (may hold secrets)
+    trust_env: bool = True  # read HTTP_PROXY & co. (--no-proxy: False)
 
 
 def tls_context(cacert: str | None = None) -> ssl.SSLContext:
@@ -179,15 +181,17 @@ class HttpSession:
         opts = self.options
         # Requests go straight to our lean HTTP/1.1 transport (~0.1 ms of CPU each, instead
         # of ~1.5 ms in httpcore's pool and ~0.15 ms more in AsyncClient.send: a list of
-        # 10,000 URLs is probed in seconds). With a proxy in the environment, or basic auth,
-        # they go through the client, which routes them to httpx's own transports.
+        # 10,000 URLs is probed in seconds). With basic auth they go through the client.
+        # Proxies are the transport's affair (httpx would ignore the environment's once a
+        # transport is given); UsageError here for an unusable proxy setting.
         self._direct: FastTransport | None = None
         if transport is None:
             transport = FastTransport(
-                max_connections=opts.max_connections, ssl_context=tls_context(opts.cacert)
+                max_connections=opts.max_connections,
+                ssl_context=tls_context(opts.cacert),
+                proxies=ProxyConfig.resolve(opts.proxy, opts.trust_env),
             )
-            if not urllib.request.getproxies():
-                self._direct = transport
+            self._direct = transport
         self._client = httpx.AsyncClient(
             transport=transport,
             follow_redirects=False,
@@ -423,6 +427,8 @@ class HttpSession:
         """The error for an unexpected status: 408/429/5xx transient, anything else permanent."""
         status = response.status_code
         text = f"{label}: HTTP {status} {response.reason_phrase}".rstrip()
+        if status == 407:
+            text += " from the proxy: give user:password in the proxy URL"
         if status in (408, 429) or status >= 500:
             retry_after = _retry_after(
                 response.headers.get("retry-after"), self.options.retry_after_cap
@@ -436,6 +442,14 @@ class HttpSession:
         self, exc: httpx.TransportError, label: str, url: httpx.URL, original: httpx.URL
     ) -> SourceError:
         """A transport failure: permanent for an unusable URL or request, else transient."""
+        if isinstance(exc, ProxyRefused):
+            text = f"{label}: {exc}"
+            if exc.status in (403, 407) or (exc.status is not None and 400 <= exc.status < 500):
+                return PermanentError(text, status=exc.status)
+            why = _unreachable(exc) if exc.status is None else None
+            if why is not None:
+                return Unreachable(f"{label}: cannot connect to the proxy {exc.proxy}: {why}")
+            return TransientError(text)
         tls = _tls_failure(exc)
         if tls is not None:  # not transient: retrying cannot make a certificate trusted
             host = url.host

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,11 +10,19 @@ import pytest
 
 from tests.faultserver import FaultServer
 
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Markers. ``slow`` tests (kill loops, load) are NOT deselected by default: CI runs
-    everything; ``-m "not slow"`` skips them on a quick local run."""
+    everything; ``-m "not slow"`` skips them on a quick local run.
+
+    The machine's proxy variables are dropped for the whole run (this process and every
+    child): the servers of the tests are on 127.0.0.1, and the proxy tests set their own."""
     config.addinivalue_line("markers", "slow: takes more than ~20 s (kill loops, load)")
+    for name in PROXY_VARIABLES:
+        os.environ.pop(name, None)
+        os.environ.pop(name.upper(), None)
 
 
 @pytest.fixture
