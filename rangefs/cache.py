@@ -682,13 +682,19 @@ class LocalDownloadCache:
             "%s: index generation %d claims %d blocks", self._directory, self._generation, count
         )
 
-    async def evict(self, runs: Sequence[tuple[int, int]]) -> int:
-        """Drop the cached blocks of ``runs`` (inclusive block indices); returns how many
-        were dropped. Trio thread; the disk work runs in a worker thread (see "Eviction" in
-        the module docstring for the order that makes it crash-safe). The caller makes
-        sure no read is reading these blocks. Errors as ``flush``; after a failed index
-        write the bits stay cleared (the blocks are fetched again) and nothing is punched.
-        Cancellation: the worker thread runs to its end.
+    async def evict(
+        self,
+        runs: Sequence[tuple[int, int]],
+        needed: Callable[[int, int], bool] | None = None,
+    ) -> int:
+        """Drop the cached blocks of ``runs`` (inclusive block indices) but those of a run
+        that ``needed(first, last)`` says a reader needs (asked once the flush lock is
+        held, right before the bits are cleared: nothing can start reading them between
+        the question and the clearing); returns how many blocks were dropped. Trio
+        thread; the disk work runs in a worker thread (see "Eviction" in the module
+        docstring for the order that makes it crash-safe). Errors as ``flush``; after a
+        failed index write the bits stay cleared (the blocks are fetched again) and
+        nothing is punched. Cancellation: the worker thread runs to its end.
         """
         self._check_usable()
         async with self._flush_lock:
@@ -696,6 +702,8 @@ class LocalDownloadCache:
             bitmap = self._bitmap
             cleared: list[tuple[int, int]] = []
             for first, last in runs:
+                if needed is not None and needed(first, last):
+                    continue
                 for index in range(max(0, first), min(last, bitmap.num_blocks - 1) + 1):
                     if bitmap.clear_block(index):
                         if cleared and cleared[-1][1] == index - 1:

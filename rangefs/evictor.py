@@ -132,18 +132,21 @@ class Evictor:
         if not runs:
             return False
         try:
-            blocks = await cache.evict(runs)
+            # asked again once the cache's lock is held: a read may have begun meanwhile
+            blocks = await cache.evict(runs, lambda a, b: obj.working() or obj.needs(a, b))
         except RangefsError as exc:
             contain(f"eviction from {obj.name}", exc)
             budget.skip(victim.key, evictable)
             return False
-        # an extent a fetch stored into again while its eviction was written out keeps
-        # those blocks (they were not punched): it stays in the books
+        # an extent a read needed by the time the lock was held, or that a fetch stored
+        # into again while its eviction was written out, keeps its blocks: it stays in
+        # the books, as used now
         bitmap = cache.bitmap
-        gone = []
+        gone: list[int] = []
+        kept: list[int] = []
         for extent in evictable:
             first, last = budget.extent_blocks_range(extent)
-            if bitmap.first_set(first, last + 1) is None:
-                gone.append(extent)
+            (gone if bitmap.first_set(first, last + 1) is None else kept).append(extent)
         budget.evicted(victim.key, gone, blocks)
-        return True
+        budget.skip(victim.key, kept)
+        return blocks > 0
