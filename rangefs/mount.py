@@ -317,8 +317,8 @@ async def _run_mount(
                         ) from exc
                     initialised = True
                     shutdown.fuse = fuse.cancel_scope
-                    ops.background = fuse
-                    store.kernel_invalidator = ops.invalidate_object
+                    fuse.start_soon(ops.invalidate_changed, store.changed,
+                                    name="kernel cache invalidation")
                     fuse.start_soon(_fuse_main, shutdown, fuse.cancel_scope)
                     dev = await _wait_live(config.mountpoint, config.ready_timeout)
                     _raise_read_ahead(dev, config.read_ahead_kb)

@@ -35,7 +35,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -807,8 +807,8 @@ class ObjectStore:
         # objects with an open cache that nobody uses, oldest first: key -> since when
         self._idle: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._idle_overflow = trio.Event()
-        # set by the FUSE layer: drops the kernel's cached pages of an object
-        self.kernel_invalidator: Callable[[MountedObject], None] | None = None
+        # objects whose kernel pages must go (a new version): the FUSE layer drains it
+        self._changed_send, self.changed = trio.open_memory_channel[MountedObject](math.inf)
 
     @property
     def cachedir(self) -> CacheDir:
@@ -889,10 +889,10 @@ class ObjectStore:
         self.cachedir.touch(obj.key)
 
     def invalidate_kernel_cache(self, obj: MountedObject) -> None:
-        """Hook for the FUSE layer: drop the kernel's pages of ``obj`` (set by ops)."""
-        hook = self.kernel_invalidator
-        if hook is not None:
-            hook(obj)
+        """The kernel must drop its pages of ``obj`` (another version): queued on
+        ``changed``, which the FUSE layer consumes (``RangeOperations.invalidate_changed``).
+        No await."""
+        self._changed_send.send_nowait(obj)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; ``task_status.started()`` once objects can be served.

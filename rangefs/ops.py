@@ -134,8 +134,6 @@ class RangeOperations(pyfuse3.Operations):
         self._handles: dict[FileHandle, tuple[ObjectHandle, str]] = {}  # handle, redacted URL
         self._next_fh = 1
         self._links: dict[InodeNo, int] = {}
-        self.background: trio.Nursery | None = None
-        """Where invalidate_object runs its kernel calls; set by mount.py once mounted."""
 
     # -- error translation -------------------------------------------------------------
 
@@ -507,20 +505,18 @@ class RangeOperations(pyfuse3.Operations):
 
     # -- for the object layer ----------------------------------------------------------
 
-    def invalidate_object(self, obj: MountedObject) -> None:
-        """Drop the kernel's attributes and page cache of every file showing ``obj``.
+    async def invalidate_changed(self, changed: trio.MemoryReceiveChannel[MountedObject]) -> None:
+        """Drop the kernel's attributes and page cache of every file showing an object that
+        ``changed`` names (``ObjectStore.changed``: a remote changed), until cancelled.
 
-        The object layer's ``kernel_invalidator`` (a remote changed). Trio thread; returns
-        at once: the kernel call runs in a worker thread, because it waits for page locks
-        that a read in flight through this very loop may hold (a deadlock if done inline).
-        Does nothing before ``background`` is set (no FUSE session yet).
-        """
-        inodes = [node.inode for node in self._tree.files() if self._store.get(node.entry) is obj]
-        if self.background is None or not inodes:
-            return
-        self.background.start_soon(
-            trio.to_thread.run_sync, _invalidate_inodes, inodes, name="invalidate_inode"
-        )
+        Started by mount.py once the FUSE session runs. The kernel call runs in a worker
+        thread: it waits for page locks that a read in flight through this very loop may
+        hold (a deadlock if done inline)."""
+        async for obj in changed:
+            inodes = [node.inode for node in self._tree.files()
+                      if self._store.get(node.entry) is obj]
+            if inodes:
+                await trio.to_thread.run_sync(_invalidate_inodes, inodes)
 
 
 def _invalidate_inodes(inodes: list[InodeNo]) -> None:

@@ -829,9 +829,10 @@ def test_sigterm_during_a_blocked_read(
 def test_changed_remote_drops_the_kernel_page_cache(
     tmp_path: Path, mnt: Path, cache: Path, origin: FaultServer
 ) -> None:
-    """v1's first block is in the kernel's page cache; the origin switches to v2; a read of
-    an uncached block finds out (EIO for the handle of v1). A new open then reads v2 only:
-    never a page of v1 (the object layer invalidated the inode through ops)."""
+    """v1's first block is in the kernel's page cache; the origin switches to v2 (another
+    size); a read of an uncached block finds out (EIO for the handle of v1). A stat shows
+    the new size and a new open reads v2 only: never a page of v1 (the object layer
+    invalidated the inode through ops)."""
     size = 8 * BS
     origin.add("/v", size, key="v1")
     urls = write_list(tmp_path / "r.urls", [origin.url("/v")])
@@ -839,7 +840,8 @@ def test_changed_remote_drops_the_kernel_page_cache(
     with mounted(urls, mnt, *args, cache_dir=cache, warnings_ok=True):
         with open(mnt / "v", "rb", buffering=0) as fh:
             content.check("v1", 0, fh.read(4096))
-            origin.set_version("/v", key="v2", etag='"v2"')
+            assert os.fstat(fh.fileno()).st_size == size  # the kernel caches the attributes
+            origin.set_version("/v", key="v2", etag='"v2"', size=size + BS)
             with pytest.raises(OSError) as info:
                 os.pread(fh.fileno(), 4096, 6 * BS)
             assert info.value.errno == errno.EIO
@@ -847,6 +849,9 @@ def test_changed_remote_drops_the_kernel_page_cache(
         while os.getxattr(mnt / "v", "user.rangefs.etag") != b'"v2"':
             assert time.monotonic() < deadline, _xattrs(mnt / "v")
             time.sleep(0.05)
+        # the new size at once, not after the kernel's attribute timeout: the inode was
+        # invalidated (a slow machine may let the timeout pass first; a fast one proves it)
+        assert os.stat(mnt / "v").st_size == size + BS
         content.check("v2", 0, _read_file(mnt / "v"))
 
 
