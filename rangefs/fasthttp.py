@@ -633,7 +633,10 @@ class FastTransport(httpx.AsyncBaseTransport):
         retried = False
         while True:
             try:
-                return await self._exchange(conn, request, payload, close, timeouts)
+                response = await self._exchange(conn, request, payload, close, timeouts)
+                if proxy is not None and scheme == "http":
+                    response.extensions["rangefs_proxy"] = proxy.name  # who answered
+                return response
             except _Stale as stale:
                 if retried or request.method not in _RETRYABLE:
                     self._drop(conn)
@@ -925,23 +928,25 @@ class FastTransport(httpx.AsyncBaseTransport):
             if not data or len(head) > MAX_HEAD_BYTES:
                 raise ProxyRefused(
                     f"the proxy {proxy.name} closed the connection during CONNECT "
-                    f"{host}:{port}", status=None, request=request)
+                    f"{host}:{port}", status=None, request=request, proxy=proxy.name)
             head += data
         end = head.index(b"\r\n\r\n")
-        if end + 4 != len(head):
-            raise ProxyRefused(f"the proxy {proxy.name} sent bytes after its CONNECT answer",
-                               status=None, request=request)
         try:
             status, reason, *_ = _parse_head(head[:end])
         except ValueError as exc:
             raise ProxyRefused(f"the proxy {proxy.name} gave a malformed CONNECT answer",
-                               status=None, request=request) from exc
-        if not 200 <= status < 300:
+                               status=None, request=request, proxy=proxy.name) from exc
+        if not 200 <= status < 300:  # its body, if any, is of no use: the caller closes
             text = reason.decode("ascii", "replace")
+            advice = ""
+            if status in (401, 407):
+                advice = " (give the right user:password in the proxy URL)"
             raise ProxyRefused(
                 f"the proxy {proxy.name} refused CONNECT {host}:{port}: {status} {text}"
-                + (" (give user:password in the proxy URL)" if status == 407 else ""),
-                status=status, request=request)
+                f"{advice}", status=status, request=request, proxy=proxy.name)
+        if end + 4 != len(head):  # the TLS handshake has not begun: nothing may follow
+            raise ProxyRefused(f"the proxy {proxy.name} sent bytes after its CONNECT answer",
+                               status=None, request=request, proxy=proxy.name)
 
     def _tls_context(self) -> ssl.SSLContext:
         context = self._ssl_context

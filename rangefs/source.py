@@ -428,7 +428,8 @@ class HttpSession:
         status = response.status_code
         text = f"{label}: HTTP {status} {response.reason_phrase}".rstrip()
         if status == 407:
-            text += " from the proxy: give user:password in the proxy URL"
+            proxy = response.extensions.get("rangefs_proxy") or "the proxy"
+            text += f" from {proxy}: give user:password in the proxy URL"
         if status in (408, 429) or status >= 500:
             retry_after = _retry_after(
                 response.headers.get("retry-after"), self.options.retry_after_cap
