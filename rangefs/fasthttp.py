@@ -335,6 +335,9 @@ def _parse_head(head: bytes) -> _Head:
     if n > MAX_HEAD_LINES:
         raise ValueError(f"more than {MAX_HEAD_LINES} header lines")
     lines = head.split(b"\r\n")
+    if b"\r\n " in head or b"\r\n\t" in head:
+        lines = _unfold(lines)
+        n = len(lines) - 1
     version, _, rest = lines[0].partition(b" ")
     if version == b"HTTP/1.1":
         http10 = False
@@ -368,6 +371,21 @@ def _parse_head(head: bytes) -> _Head:
             elif lname == b"connection":
                 connection += b"," + value.lower()
     return int(code), reason, http10, headers, lengths, te, connection
+
+
+def _unfold(lines: list[bytes]) -> list[bytes]:
+    """Join obs-fold continuation lines (starting with SP or HT) to the field line before
+    them with one SP, as RFC 9112 (5.2) asks of a user agent; ValueError for a fold with
+    no field line before it."""
+    out = [lines[0]]
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            if len(out) < 2:
+                raise ValueError("obs-fold before the first header line")
+            out[-1] = out[-1].rstrip(b" \t") + b" " + line.strip(b" \t")
+        else:
+            out.append(line)
+    return out
 
 
 class _Body(httpx.AsyncByteStream):

@@ -593,9 +593,6 @@ async def test_malformed_status_line(nursery: trio.Nursery, status_line: bytes) 
 @pytest.mark.parametrize(
     "headers",
     [
-        b"X-A: 1\r\n folded\r\n",  # obs-fold
-        b"X-A: 1\r\n\tfolded: looks like a field\r\n",
-        b"X-A: 1\r\n X-B: 2\r\n",
         b"No colon here\r\n",
         b": no name\r\n",
         b"X-A : space before colon\r\n",
@@ -607,6 +604,43 @@ async def test_malformed_header_lines(nursery: trio.Nursery, headers: bytes) -> 
     server = await serve(
         nursery, canned(b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: 0\r\n\r\n")
     )
+    async with FastTransport() as t:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await fetch(t, "GET", server.url())
+
+
+@pytest.mark.parametrize(
+    ("headers", "name", "value"),
+    [
+        (b"X-A: 1\r\n folded\r\n", "x-a", "1 folded"),
+        (b"X-A: 1\r\n\tfolded: looks like a field\r\n", "x-a", "1 folded: looks like a field"),
+        (b"X-A: 1  \r\n \t  two\r\n   three\r\n", "x-a", "1 two three"),
+    ],
+)
+async def test_obs_fold_is_replaced_by_a_space(
+    nursery: trio.Nursery, headers: bytes, name: str, value: str
+) -> None:
+    """RFC 9112 5.2: a user agent replaces each obs-fold of a response with SP."""
+    server = await serve(
+        nursery, canned(b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: 2\r\n\r\nok")
+    )
+    async with FastTransport() as t:
+        response = await fetch(t, "GET", server.url())
+    assert response.headers[name] == value
+    assert "folded" not in response.headers
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b" X-A: 1\r\n",  # a fold with nothing to continue
+        b"Content-Length: 1\r\n 00\r\n",  # a folded length is no length
+    ],
+)
+async def test_obs_fold_that_breaks_framing_is_refused(
+    nursery: trio.Nursery, headers: bytes
+) -> None:
+    server = await serve(nursery, canned(b"HTTP/1.1 200 OK\r\n" + headers + b"\r\nx"))
     async with FastTransport() as t:
         with pytest.raises(httpx.RemoteProtocolError):
             await fetch(t, "GET", server.url())
