@@ -262,7 +262,7 @@ def test_a_changed_origin_never_mixes_versions_through_the_tier(
     origin.add(PATH, SIZE)
     urls = write_list(tmp_path / "tier.urls", [tier.url(PATH)])
     start = 8 * MiB
-    args = ("--prefetch", "none", "--read-timeout", "20")
+    args = ("--prefetch", "none", "--read-timeout", "6")
 
     first_mnt, first_cache = machine(tmp_path, "first")
     with mounted(urls, first_mnt, *args, cache_dir=first_cache, warnings_ok=True) as first:
