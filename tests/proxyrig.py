@@ -41,17 +41,15 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
+from tests.daemons import start_daemon, stop_daemon
+
 PORT_ATTEMPTS = 8
 READY = "Starting main loop. Accepting connections."
 PORT_TAKEN = "Could not create listening sockets"
@@ -265,37 +263,15 @@ class ProxyRig:
         self.conf.write_text(self._config(port))
         self.log.unlink(missing_ok=True)  # a fresh log per attempt (no process writes it now)
         self.stderr_log.unlink(missing_ok=True)
-        with open(self.stderr_log, "ab") as err:
-            self._proc = subprocess.Popen(
-                [exe, "-d", "-c", str(self.conf)],
-                stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            code = self._proc.poll()
-            if code is not None:
-                self._proc = None
-                if PORT_TAKEN in self.logs():
-                    return False  # someone took the port meanwhile: try another
-                raise ProxyRigError(f"tinyproxy exited with {code}:\n{self.logs()}")
+        self._proc = start_daemon(
+            [exe, "-d", "-c", str(self.conf)], self.stderr_log,
             # logged right after listen(): the port accepts from now on
-            if any(READY in line for line in self.log_lines()):
-                return True
-            time.sleep(0.02)
-        self.stop()
-        raise ProxyRigError(f"tinyproxy did not start within {START_TIMEOUT:g} s:\n{self.logs()}")
+            ready=lambda proc: any(READY in line for line in self.log_lines()),
+            logs=self.logs, port_taken=PORT_TAKEN, error=ProxyRigError, name="tinyproxy",
+        )
+        return self._proc is not None
 
     def stop(self) -> None:
         """Stop tinyproxy; never raises. Safe to call twice."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(STOP_TIMEOUT)
+        stop_daemon(proc)

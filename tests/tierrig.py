@@ -29,18 +29,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tests.daemons import pid_file_ready, start_daemon, stop_daemon
 from tests.tlsrig import free_port
 
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
 PORT_ATTEMPTS = 8
 SLICE = 1 << 20
 """The tier's slice size (``slice 1m;``)."""
@@ -262,39 +259,14 @@ class TierRig:
         self.conf.write_text(self._config(port))
         pidfile = self.work / "nginx.pid"
         pidfile.unlink(missing_ok=True)
-        with open(self.stderr_log, "ab") as err:
-            self._proc = subprocess.Popen(
-                [exe, "-p", str(self.work), "-c", str(self.conf), "-e", str(self.stderr_log)],
-                stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            code = self._proc.poll()
-            if code is not None:
-                self._proc = None
-                if "Address already in use" in self.logs():
-                    return False  # someone took the port meanwhile: try another
-                raise TierRigError(f"nginx exited with {code}:\n{self.logs()}")
-            # nginx writes its pid file once its listening socket is bound and listening
-            with contextlib.suppress(OSError, ValueError):
-                if int(pidfile.read_text().strip()) == self._proc.pid:
-                    return True
-            time.sleep(0.02)
-        self.stop()
-        raise TierRigError(f"nginx did not start within {START_TIMEOUT:g} s:\n{self.logs()}")
+        self._proc = start_daemon(
+            [exe, "-p", str(self.work), "-c", str(self.conf), "-e", str(self.stderr_log)],
+            self.stderr_log, ready=pid_file_ready(pidfile), logs=self.logs,
+            port_taken="Address already in use", error=TierRigError, name="nginx",
+        )
+        return self._proc is not None
 
     def stop(self) -> None:
         """Stop nginx (master, workers, cache manager and loader); never raises; idempotent."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)  # fast shutdown: the master stops its children
-        try:
-            proc.wait(STOP_TIMEOUT)  # the master exits after its children
-        except subprocess.TimeoutExpired:
-            # stuck: the whole session (nginx's own group), children included
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(STOP_TIMEOUT)
+        stop_daemon(proc)

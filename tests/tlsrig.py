@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -37,9 +36,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tests.content import iter_content
+from tests.daemons import pid_file_ready, start_daemon, stop_daemon
 
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
 PORT_ATTEMPTS = 8
 
 DEFAULT_NAMES = ("127.0.0.1", "localhost")
@@ -361,39 +359,14 @@ class TlsRig:
         pidfile.unlink(missing_ok=True)
         nginx = _which("nginx")
         assert nginx is not None
-        with open(self.stderr_log, "ab") as err:
-            self._proc = subprocess.Popen(
-                [nginx, "-p", str(self.work), "-c", str(self.conf), "-e", str(self.stderr_log)],
-                stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            code = self._proc.poll()
-            if code is not None:
-                self._proc = None
-                if "Address already in use" in self.logs():
-                    return False  # someone took the port meanwhile: try another
-                raise RigError(f"nginx exited with {code}:\n{self.logs()}")
-            # nginx writes its pid file once the listening socket is bound and listening
-            with contextlib.suppress(OSError, ValueError):
-                if int(pidfile.read_text().strip()) == self._proc.pid:
-                    return True
-            time.sleep(0.02)
-        self.stop()
-        raise RigError(f"nginx did not start within {START_TIMEOUT:g} s:\n{self.logs()}")
+        self._proc = start_daemon(
+            [nginx, "-p", str(self.work), "-c", str(self.conf), "-e", str(self.stderr_log)],
+            self.stderr_log, ready=pid_file_ready(pidfile), logs=self.logs,
+            port_taken="Address already in use", error=RigError, name="nginx",
+        )
+        return self._proc is not None
 
     def stop(self) -> None:
         """Stop nginx (master and workers); never raises. Safe to call twice."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)  # fast shutdown: the master stops its workers
-        try:
-            proc.wait(STOP_TIMEOUT)  # the master exits after its workers
-        except subprocess.TimeoutExpired:
-            # stuck: the whole session (nginx's own group), workers included
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(STOP_TIMEOUT)
+        stop_daemon(proc)

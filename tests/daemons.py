@@ -1,0 +1,77 @@
+"""Start and stop the test rigs' servers (nginx, tinyproxy): one process in its own
+session, ready when the server says so, stopped with SIGTERM and, if stuck, SIGKILL to its
+whole session. Used by tests/tlsrig.py, tests/tierrig.py and tests/proxyrig.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+
+Proc = subprocess.Popen[bytes]
+
+
+def start_daemon(
+    argv: Sequence[str],
+    stderr_log: Path,
+    *,
+    ready: Callable[[Proc], bool],
+    logs: Callable[[], str],
+    port_taken: str,
+    error: type[Exception],
+    name: str,
+) -> Proc | None:
+    """Run ``argv`` (stdout and stderr appended to ``stderr_log``) until ``ready(proc)``;
+    the process, or None if it exited because its port was taken (``port_taken`` in
+    ``logs()``: the caller tries another). Raises ``error`` (with the logs) if it exited
+    otherwise or was not ready within START_TIMEOUT seconds (it is stopped then)."""
+    with open(stderr_log, "ab") as err:
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            if port_taken in logs():
+                return None
+            raise error(f"{name} exited with {code}:\n{logs()}")
+        if ready(proc):
+            return proc
+        time.sleep(0.02)
+    stop_daemon(proc)
+    raise error(f"{name} did not start within {START_TIMEOUT:g} s:\n{logs()}")
+
+
+def stop_daemon(proc: Proc | None) -> None:
+    """SIGTERM, then SIGKILL to the whole session if it does not exit within
+    STOP_TIMEOUT seconds; never raises; None is a no-op."""
+    if proc is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)  # nginx: fast shutdown, the master stops its workers
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(STOP_TIMEOUT)
+
+
+def pid_file_ready(pidfile: Path) -> Callable[[Proc], bool]:
+    """nginx's readiness: it writes its pid file once its listening socket listens."""
+
+    def ready(proc: Proc) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            return int(pidfile.read_text().strip()) == proc.pid
+        return False
+
+    return ready
