@@ -75,3 +75,33 @@ def pid_file_ready(pidfile: Path) -> Callable[[Proc], bool]:
         return False
 
     return ready
+
+
+class NginxLogs:
+    """Reading the access and error logs of a rig's nginx (``access_log``, ``error_log``:
+    set by the rig)."""
+
+    access_log: Path
+    error_log: Path
+
+    def access_lines(self) -> list[str]:
+        """Every request nginx finished so far (one line each; logged when it ends)."""
+        try:
+            return self.access_log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def requests(self, path: str | None = None, method: str | None = None) -> list[str]:
+        """Access-log lines, of ``path`` only and/or ``method`` only when given."""
+        lines = self.access_lines()
+        if path is not None:
+            lines = [ln for ln in lines if f' "{path}" ' in ln]
+        if method is not None:
+            lines = [ln for ln in lines if f" {method} " in ln]
+        return lines
+
+    def error_lines(self) -> list[str]:
+        try:
+            return self.error_log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []

@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tests.daemons import pid_file_ready, start_daemon, stop_daemon
+from tests.daemons import NginxLogs, pid_file_ready, start_daemon, stop_daemon
 from tests.tlsrig import free_port
 
 PORT_ATTEMPTS = 8
@@ -132,7 +132,7 @@ def require_slice_module(exe: str) -> None:
         )
 
 
-class TierRig:
+class TierRig(NginxLogs):
     """nginx as a slice-caching reverse proxy of ``upstream`` (see the module doc).
 
     ``with TierRig(tmp_path / "tier", origin.base_url) as tier:`` -- then
@@ -164,28 +164,6 @@ class TierRig:
         return f"{self.base_url}/{path.lstrip('/')}"
 
     # -- logs and cache --------------------------------------------------------------------
-
-    def access_lines(self) -> list[str]:
-        """Every client request nginx finished so far (one line each, see LOG_FORMAT)."""
-        try:
-            return self.access_log.read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return []
-
-    def requests(self, path: str | None = None, method: str | None = None) -> list[str]:
-        """Access-log lines, of ``path`` only and/or ``method`` only when given."""
-        lines = self.access_lines()
-        if path is not None:
-            lines = [ln for ln in lines if f' "{path}" ' in ln]
-        if method is not None:
-            lines = [ln for ln in lines if f" {method} " in ln]
-        return lines
-
-    def error_lines(self) -> list[str]:
-        try:
-            return self.error_log.read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return []
 
     def cache_files(self) -> list[Path]:
         """The cached entries (one file per slice) now on disk."""

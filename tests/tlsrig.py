@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tests.content import iter_content
-from tests.daemons import pid_file_ready, start_daemon, stop_daemon
+from tests.daemons import NginxLogs, pid_file_ready, start_daemon, stop_daemon
 
 PORT_ATTEMPTS = 8
 
@@ -214,7 +214,7 @@ def write_content(path: Path, key: str, size: int) -> None:
             fh.write(part)
 
 
-class TlsRig:
+class TlsRig(NginxLogs):
     """nginx over TLS on 127.0.0.1 with a private CA (see the module doc).
 
     ``with TlsRig(tmp_path / "tls") as rig:`` -- then ``rig.add("/a.bin", size)``,
@@ -253,28 +253,6 @@ class TlsRig:
         return target
 
     # -- logs ----------------------------------------------------------------------------
-
-    def access_lines(self) -> list[str]:
-        """Every request nginx finished so far (one line each; logged when it ends)."""
-        try:
-            return self.access_log.read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return []
-
-    def requests(self, path: str | None = None, method: str | None = None) -> list[str]:
-        """Access-log lines, of ``path`` only and/or ``method`` only when given."""
-        lines = self.access_lines()
-        if path is not None:
-            lines = [ln for ln in lines if f' "{path}" ' in ln]
-        if method is not None:
-            lines = [ln for ln in lines if f" {method} " in ln]
-        return lines
-
-    def error_lines(self) -> list[str]:
-        try:
-            return self.error_log.read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return []
 
     def failed_handshakes(self) -> int:
         """How many TLS handshakes failed so far (e.g. the client did not trust us)."""
