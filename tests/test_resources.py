@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import resource
@@ -229,12 +230,19 @@ def test_3000_files_one_after_another_under_ulimit_1024(
 def test_the_mount_raises_its_soft_open_file_limit(
     tmp_path: Path, mnt: Path, cache: Path, origin: FaultServer
 ) -> None:
+    """Started with a soft limit below its hard one (systemd's and many shells' 1024), the
+    mount raises the soft limit to the hard one. The hard limit is this machine's (a
+    process may lower it, not always raise it): the soft one starts at half of it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 1 << 20:
+        hard = 1 << 20  # lowering a hard limit is always allowed
     origin.add("/a", 1000)
     urls = write_list(tmp_path / "a.urls", [f"{origin.url('/a')} a size=1000"])
-    with mounted(urls, mnt, cache_dir=cache, preexec_fn=lambda: _limit_fds(1024, 4096)) as m:
+    limit = functools.partial(_limit_fds, hard // 2, hard)
+    with mounted(urls, mnt, cache_dir=cache, preexec_fn=limit) as m:
         limits = Path(f"/proc/{m.pid}/limits").read_text()
         line = next(ln for ln in limits.splitlines() if ln.startswith("Max open files"))
-        assert line.split()[3:5] == ["4096", "4096"], line
+        assert line.split()[3:5] == [str(hard), str(hard)], line
         assert (mnt / "a").read_bytes() == content("/a", 0, 1000)
 
 
