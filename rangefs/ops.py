@@ -517,6 +517,8 @@ class RangeOperations(pyfuse3.Operations):
                       if self._store.get(node.entry) is obj]
             if inodes:
                 await trio.to_thread.run_sync(_invalidate_inodes, inodes)
+                log.info("%s: the kernel dropped its pages and attributes of %d file(s)",
+                         obj.name, len(inodes))
 
 
 def _invalidate_inodes(inodes: list[InodeNo]) -> None:
