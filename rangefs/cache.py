@@ -85,6 +85,10 @@ __all__ = ["DATA_NAME", "INDEX_NAME", "LOCK_NAME", "DownloadCache", "LocalDownlo
 
 log = logging.getLogger(__name__)
 
+# The block map of an object is kept in memory (1 bit per block): at most this many bytes
+# (2^31 blocks: 128 TiB in blocks of 64 KiB). A larger object needs larger blocks.
+MAX_BITMAP_BYTES = 256 << 20
+
 DATA_NAME = "data"
 INDEX_NAME = "index"
 LOCK_NAME = "lock"
@@ -237,6 +241,12 @@ class LocalDownloadCache:
         ``needs_flush``. Without ``reserve`` the data file is sparse, and one left
         preallocated by an earlier version is made sparse where no block is cached.
         """
+        if identity.bitmap_bytes > MAX_BITMAP_BYTES:
+            raise errors.NotEnoughSpace(
+                f"cannot cache {identity.size} bytes in blocks of {identity.block_size}: its "
+                f"block map alone would take {identity.bitmap_bytes >> 20} MiB of memory; "
+                "use a larger --block-size"
+            )
         directory = Path(directory)
         ensure_private_dir(directory)
         lock_fd = _lock_directory(directory)

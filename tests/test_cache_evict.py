@@ -71,3 +71,16 @@ async def test_unpersisted_blocks_are_made_durable_before_the_eviction_claims(
     with LocalDownloadCache.open(tmp_path, identity_, reserve=False) as again:
         assert again.read_at(BS, 3 * BS) == block(1) + block(2) + block(3)
         assert again.bitmap.first_set(0) == 1
+
+
+def test_an_object_whose_block_map_would_not_fit_in_memory_is_refused(tmp_path: Path) -> None:
+    """4 EiB in blocks of 64 KiB would need an 8 TiB block map: refused (ENOSPC for a
+    reader) with the way out, before anything is created."""
+    import pytest
+
+    from rangefs import errors
+
+    huge = ObjectIdentity("http://h/huge", 1 << 62, BS, '"e"', None)
+    with pytest.raises(errors.NotEnoughSpace, match="use a larger --block-size"):
+        LocalDownloadCache.open(tmp_path / "o", huge, reserve=False)
+    assert not (tmp_path / "o").exists()
