@@ -584,13 +584,8 @@ class MountedObject:
             await self._start_version(info)
 
     def in_use(self) -> bool:
-        """Open by a handle, being opened, or filled in the background."""
-        version = self._version
-        return (
-            self.opened > 0
-            or (self._open_lock_ is not None and self._open_lock_.locked())
-            or (version is not None and version.busy > 0)
-        )
+        """Open by a handle, or being opened, filled or checked (``working``)."""
+        return self.opened > 0 or self.working()
 
     async def close_idle(self) -> bool:
         """Close the cache of an object not in use (``in_use``): stop its fetcher (a queued

@@ -37,7 +37,6 @@ class Tasks:
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        self.failures = 0  # tasks that ended with an error, since the start (for status)
 
     def start(
         self,
@@ -88,7 +87,6 @@ class Tasks:
             self._failed(name, exc, on_error)
 
     def _failed(self, name: str, exc: Exception, on_error: ErrorHook | None) -> None:
-        self.failures += 1
         contain(name, exc)
         if on_error is not None:
             try:
