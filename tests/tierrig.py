@@ -45,11 +45,13 @@ SLICE = 1 << 20
 LOG_FORMAT = (
     "'$msec $status $request_method \"$uri\" \"$http_range\" \"$http_if_range\" '\n"
     "                    '$body_bytes_sent $upstream_cache_status \"$sent_http_etag\" "
-    "$connection'"
+    "$connection $request_time'"
 )
 """One access-log line per client request (slice subrequests are not logged):
 time, status, method, path, the client's Range and If-Range, body bytes sent to the client,
-the cache status of the request's first slice (HIT, MISS, ...), the ETag sent, connection."""
+the cache status of the request's first slice (HIT, MISS, ...), the ETag sent, connection,
+seconds the request took (a wait for another request's fetch of the same slice,
+``proxy_cache_lock``, shows here: nginx looks again every 500 ms)."""
 
 CONF = """\
 # tests/tierrig.py: a slice-caching tier in front of {upstream}

@@ -1,4 +1,4 @@
-"""``python -m tests.bench``: run the benchmark of issues 6 and 16 and write the table.
+"""``python -m tests.bench``: run the benchmark of issues 6, 16 and 17 and write the table.
 
 See tests/bench/README.md. Needs root (apt-get, drop_caches, FUSE mounts).
 """
@@ -33,6 +33,7 @@ from .scenarios import (
     huge_rss,
     random_reads,
     sequential,
+    tier_machines,
     ttfb,
     vast_random_reads,
 )
@@ -53,8 +54,9 @@ KEYS = {
     "8": ("s8_budget_mibps", "s8_budget_gib", "s8_budget_cache_mib", "s8_budget_rss_mib",
           "s8_free_mibps", "s8_free_gib", "s8_free_cache_mib", "s8_free_rss_mib"),
     "9": ("s9_p50_ms", "s9_p99_ms", "s9_amp"),
+    "10": ("s10_m1_mibps", "s10_m1_origin_pct", "s10_m2_mibps", "s10_m2_origin_pct"),
 }
-SCENARIOS = [str(n) for n in range(1, 10)]
+SCENARIOS = [str(n) for n in range(1, 11)]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -71,7 +73,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--sendfile-chunk", default="128k",
                     help="nginx sendfile_max_chunk: how much goes out before limit_rate "
                          "delays (128k; nginx's default 2m leaves answers <= 2 MiB unthrottled)")
-    ap.add_argument("--big-size", default=None, help="scenario 1 object, MiB (256)")
+    ap.add_argument("--big-size", default=None,
+                    help="the object of scenarios 1-3 and 10, MiB (256; 64 with --quick)")
     ap.add_argument("--huge-read-s", type=float, default=None,
                     help="scenario 5: read the 4 GiB object for at most this long (30 s)")
     ap.add_argument("--budget-read-s", type=float, default=None,
@@ -155,6 +158,8 @@ def one_run(ctx: Ctx, peers: list[str], scenarios: list[str]) -> dict[str, dict[
         steps.append(("8", "8", budget_read))
     if "9" in scenarios:
         steps.append(("9", "9", vast_random_reads))
+    if "10" in scenarios:
+        steps.append(("10", "10", tier_machines))
     for step, scenario, fn in steps:
         who = [p for p in peers if p in SUPPORTS[scenario] or (step == "seq" and p in
                SUPPORTS["5"] and "5" in scenarios)]
@@ -264,7 +269,7 @@ def render(args: argparse.Namespace, command: str, info: dict[str, str], lay: La
            knobs: Knobs, runs: list[dict[str, dict[str, Any]]], seconds: float) -> str:
     peers = [p for p in args.peers if any(p in r for r in runs)]
     out = [
-        "# rangefs benchmark (issues 6 and 16)", "",
+        "# rangefs benchmark (issues 6, 16 and 17)", "",
         f"`{command}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{len(runs)} run(s), {seconds / 60:.1f} min", "",
         "**Machine:** " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
@@ -278,7 +283,11 @@ def render(args: argparse.Namespace, command: str, info: dict[str, str], lay: La
         f"{knobs.random_size} B; (5) the 4 GiB read stops after {knobs.huge_read_s:g} s; "
         f"(8) {lay.long_size >> 30} GiB sparse, read in 1 MiB reads for {knobs.budget_read_s:g} s "
         f"with a {knobs.budget} cache budget and without; (9) {lay.vast_size >> 40} TiB sparse, "
-        f"{knobs.vast_reads} preads of {knobs.random_size} B.", "",
+        f"{knobs.vast_reads} preads of {knobs.random_size} B; (10) the (1) object copied "
+        "cold by two machines (two mounts, empty caches) one after the other through one "
+        "nginx `proxy_cache` + `slice 1m` tier (`tests/tierrig.py`, empty at first), page "
+        "cache dropped before each, so the second machine's slices come from the tier's "
+        "disk.", "",
         report.table(runs, peers, knobs.delay_s * 1000), "",
         "**Peers:** " + "; ".join(f"`{p}` = {PEERS[p].label}" for p in peers) + ".", "",
     ]

@@ -164,11 +164,28 @@ class Origin:
         except FileNotFoundError:
             return 0
 
-    def sent_since(self, mark: int, settle: float = 0.3, save_as: Path | None = None) -> Traffic:
+    def quiet(self, hold: float = 0.5, limit: float = 30.0) -> float:
+        """Wait until the access log has not grown for ``hold`` s (at most ``limit`` s):
+        a caching tier in front of the origin may still be reading a slice to its end after
+        its client has gone (a cacheable answer is fetched whole). Seconds waited."""
+        start = now = time.monotonic()
+        size, since = self.mark(), now
+        while now - since < hold and now - start < limit:
+            time.sleep(0.05)
+            now = time.monotonic()
+            if (grown := self.mark()) != size:
+                size, since = grown, now
+        return now - start
+
+    def sent_since(self, mark: int, settle: float = 0.3, save_as: Path | None = None,
+                   hold: float = 0.0) -> Traffic:
         """Requests and bytes the origin sent since ``mark`` (waits ``settle`` s first:
-        nginx logs a request when it ends, an aborted one too). ``save_as``: also write
-        those access-log lines there."""
+        nginx logs a request when it ends, an aborted one too; with ``hold``, then also
+        until the log has held still that long, see :meth:`quiet`). ``save_as``: also
+        write those access-log lines there."""
         time.sleep(settle)
+        if hold > 0:
+            self.quiet(hold)
         traffic = Traffic()
         try:
             with open(self.access_log, "rb") as fh:

@@ -1,4 +1,5 @@
-"""Scenarios 1-7 of issue 6 and 8-9 of issue 16, each for one peer; every figure is one run's.
+"""Scenarios 1-7 of issue 6, 8-9 of issue 16 and 10 of issue 17, each for one peer; every
+figure is one run's.
 
 Each function returns ``{metric key: value}`` (value ``None`` = not measured: timeout or
 failure, with the reason under ``"error"``). Cold means: a fresh cache directory, a fresh
@@ -9,6 +10,7 @@ to just after the unmount, so a background fill that runs on counts too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -100,23 +102,27 @@ def _sha256(path: Path) -> str:
 
 def _fuse(ctx: Ctx, peer: Peer, scenario: str, sub: str, names: list[str],
           body: Callable[[Mounted], Figures], *, cache_dir: Path | None = None,
-          sizes: dict[str, int] | None = None, extra: tuple[str, ...] = ()) -> Figures:
+          sizes: dict[str, int] | None = None, extra: tuple[str, ...] = (),
+          base_url: str | None = None, hold: float = 0.0, tag: str = "") -> Figures:
     """Mount ``sub`` for ``peer`` on a fresh cache, run ``body``, unmount; add origin traffic.
-    ``extra``: mount options added to the peer's own."""
-    cache = cache_dir or ctx.fresh(f"cache-{peer.name}-s{scenario}")
+    ``extra``: mount options added to the peer's own; ``base_url``: where the objects are
+    read from (default the origin; scenario 10: a caching tier in front of it); ``hold``:
+    count the origin's traffic once its log has held still that long (see
+    :meth:`Origin.quiet`); ``tag``: added to the names of the mount's logs."""
+    cache = cache_dir or ctx.fresh(f"cache-{peer.name}-s{scenario}{tag}")
     mark = ctx.origin.mark()
     figures: Figures = {}
     try:
-        with mounted(peer, base_url=ctx.origin.base, sub=sub, names=names, work=ctx.work,
-                     cache_dir=cache, tag=f"{peer.name}-s{scenario}", sizes=sizes,
-                     profile=ctx.profile(peer, scenario), extra=extra) as m:
+        with mounted(peer, base_url=base_url or ctx.origin.base, sub=sub, names=names,
+                     work=ctx.work, cache_dir=cache, tag=f"{peer.name}-s{scenario}{tag}",
+                     sizes=sizes, profile=ctx.profile(peer, scenario), extra=extra) as m:
             figures = body(m)
             figures["_cpu_s"] = m.cpu_seconds()
     except MountFailed as exc:
         figures["error"] = str(exc).splitlines()[0]
         log(f"  {peer.name}: {exc}")
-    name = f"{peer.name}-s{scenario}-run{ctx.run}-{time.strftime('%H%M%S')}.access.log"
-    traffic = ctx.origin.sent_since(mark, save_as=ctx.work / "logs" / name)
+    name = f"{peer.name}-s{scenario}{tag}-run{ctx.run}-{time.strftime('%H%M%S')}.access.log"
+    traffic = ctx.origin.sent_since(mark, save_as=ctx.work / "logs" / name, hold=hold)
     figures["_origin_bytes"] = traffic.bytes_sent
     figures["_origin_requests"] = traffic.requests
     if cache_dir is None:
@@ -126,6 +132,14 @@ def _fuse(ctx: Ctx, peer: Peer, scenario: str, sub: str, names: list[str],
 
 def _read_timeout(ctx: Ctx, size: int) -> float:
     return max(60.0, size / (2 * MiB))
+
+
+def _download_argv(peer: Peer, url: str, dl: Path, name: str) -> list[str]:
+    """How a download peer fetches ``url`` to ``dl/name``."""
+    if peer.name == "aria2":
+        return ["aria2c", "-x16", "-s16", "-k1M", "-q", "--allow-overwrite=true",
+                "--auto-file-renaming=false", "-d", str(dl), "-o", name, url]
+    return ["curl", "-sS", "-o", str(dl / name), url]
 
 
 # -- 1, 2, 5a: cold cp, warm re-reads, peak RSS during the cp ------------------------------
@@ -152,12 +166,8 @@ def sequential(ctx: Ctx, peer: Peer, *, warm: bool) -> Figures:
         mark = ctx.origin.mark()
         url = ctx.origin.url("seq/big.bin")
         drop_page_cache()
-        if peer.name == "aria2":
-            argv = ["aria2c", "-x16", "-s16", "-k1M", "-q", "--allow-overwrite=true",
-                    "--auto-file-renaming=false", "-d", str(dl), "-o", "big.bin", url]
-        else:
-            argv = ["curl", "-sS", "-o", str(dest), url]
-        code, seconds, rss = run_rusage(argv, timeout=timeout)
+        code, seconds, rss = run_rusage(_download_argv(peer, url, dl, "big.bin"),
+                                        timeout=timeout)
         figures: Figures = {"s5_rss_seq_mib": rss}
         check(figures, code == 0, seconds)
         traffic = ctx.origin.sent_since(mark)
@@ -275,12 +285,7 @@ def huge_rss(ctx: Ctx, peer: Peer) -> Figures:
     if peer.kind == "download":
         dl = ctx.fresh("dl")
         url = ctx.origin.url("huge/huge.bin")
-        if peer.name == "aria2":
-            argv = ["aria2c", "-x16", "-s16", "-k1M", "-q", "--allow-overwrite=true",
-                    "--auto-file-renaming=false", "-d", str(dl), "-o", "huge.bin", url]
-        else:
-            argv = ["curl", "-sS", "-o", str(dl / "huge.bin"), url]
-        _, seconds, rss = run_rusage(argv, timeout=limit)
+        _, seconds, rss = run_rusage(_download_argv(peer, url, dl, "huge.bin"), timeout=limit)
         got = (dl / "huge.bin").stat().st_size if (dl / "huge.bin").exists() else 0
         shutil.rmtree(dl, ignore_errors=True)
         return {"s5_rss_huge_mib": rss, "s5_huge_mibps": got / MiB / seconds}
@@ -478,6 +483,123 @@ def concurrent(ctx: Ctx, peer: Peer) -> Figures:
     return figures
 
 
+# -- 10: two machines through one HTTP caching tier (issue 17) ----------------------------
+
+# how long the origin's log must hold still before a machine's traffic is counted: the tier
+# reads a slice to its end after its client has gone (aria2c closes its connections at the
+# end of each segment), and that belongs to the machine that asked for it
+TIER_HOLD_S = 0.5
+
+
+def _log_mark(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def tier_log(path: Path, mark: int) -> tuple[dict[str, int], list[float]]:
+    """The tier's client requests logged since byte ``mark`` of its access log
+    (tests/tierrig.py's LOG_FORMAT): their count by the cache status of each one's first
+    slice (``$upstream_cache_status``: HIT, MISS, ...), and how long each took, in s.
+
+    nginx logs one line per client request, with the status of the slice the request itself
+    fetched: the first one; the other slices are subrequests, whose status nginx does not
+    log reliably (with ``log_subrequest on`` the last one's line goes missing). A request
+    that starts in a slice an earlier request fetched is a HIT even if its later slices
+    were misses: the slice misses are the origin's GET answers (``s10_m*_slices_fetched``)."""
+    counts: dict[str, int] = {}
+    took: list[float] = []
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(mark)
+            data = fh.read()
+    except FileNotFoundError:
+        return counts, took
+    for line in data.decode(errors="replace").splitlines():
+        fields = line.split()
+        if len(fields) < 11:
+            continue
+        counts[fields[-4]] = counts.get(fields[-4], 0) + 1
+        took.append(float(fields[-1]))
+    return counts, took
+
+
+def _tier_copy(ctx: Ctx, peer: Peer, base_url: str, machine: int) -> Figures:
+    """One machine's cold copy of seq/big.bin from ``base_url`` (the tier): ``mibps`` (the
+    copy's sha256 checked), and what the origin sent from before the mount (or download)
+    until its log held still after the unmount (``_origin_bytes``, ``_origin_requests``)."""
+    size = ctx.layout.big_size
+    timeout = _read_timeout(ctx, size)
+    dl = ctx.fresh(f"dl-s10-m{machine}")
+    dest = dl / "big.bin"
+
+    def copy(argv: list[str]) -> Figures:
+        drop_page_cache()  # the tier's cached slices too: they come from its disk
+        code, seconds, _ = run(argv, timeout=timeout)
+        if code != 0:
+            return {"error": f"machine {machine}: copy timed out or failed"}
+        digest = _sha256(dest)
+        if digest != ctx.big_sha256:
+            return {"error": f"machine {machine}: sha256 mismatch: {digest[:16]}"}
+        return {"mibps": size / MiB / seconds}
+
+    try:
+        if peer.kind == "download":
+            mark = ctx.origin.mark()
+            figures = copy(_download_argv(peer, f"{base_url}/seq/big.bin", dl, "big.bin"))
+            name = f"{peer.name}-s10-m{machine}-run{ctx.run}-{time.strftime('%H%M%S')}"
+            traffic = ctx.origin.sent_since(
+                mark, hold=TIER_HOLD_S, save_as=ctx.work / "logs" / f"{name}.access.log")
+            figures["_origin_bytes"] = traffic.bytes_sent
+            figures["_origin_requests"] = traffic.requests
+            return figures
+        return _fuse(ctx, peer, "10", "seq", ["big.bin"],
+                     lambda m: copy(["cp", m.path("big.bin"), str(dest)]),
+                     base_url=base_url, hold=TIER_HOLD_S, tag=f"-m{machine}")
+    finally:
+        shutil.rmtree(dl, ignore_errors=True)
+
+
+def tier_machines(ctx: Ctx, peer: Peer) -> Figures:
+    """Two machines, one after the other, each a cold copy of the (1) object through one
+    nginx slice-caching tier (tests/tierrig.py, a fresh one per peer) in front of the origin:
+    per machine ``s10_m{1,2}_mibps``, the origin's bytes (headers included) as a % of the
+    object (``_origin_pct``), the tier's answers by cache status
+    (``_hit``, ``_miss``: by first slice, see :func:`tier_log`; every status in
+    ``_tier``) and how long they took (``_tier_ms``: p50, p90, max; a wait for another
+    request's fetch of the same slice takes 500 ms steps), the slices it fetched from the
+    origin (``_slices_fetched``: the origin's GET answers, each one 1 MiB slice); the
+    tier's cache on disk at the end."""
+    from tests.tierrig import TierRig  # the tier rig lives with the tests that prove it
+
+    size = ctx.layout.big_size
+    figures: Figures = {}
+    with TierRig(ctx.fresh(f"tier-{peer.name}"), ctx.origin.base) as tier:
+        for machine in (1, 2):
+            key = f"s10_m{machine}"
+            mark = _log_mark(tier.access_log)
+            got = _tier_copy(ctx, peer, tier.base_url, machine)
+            statuses, took = tier_log(tier.access_log, mark)
+            figures[f"{key}_slices_fetched"] = got.get("_origin_requests")
+            figures[f"{key}_hit"] = statuses.get("HIT", 0)
+            figures[f"{key}_miss"] = statuses.get("MISS", 0)
+            figures[f"{key}_tier"] = statuses
+            if took:
+                figures[f"{key}_tier_ms"] = [round(pct(took, q) * 1000) for q in (0.5, 0.9, 1)]
+            if "error" in got:
+                figures["error"] = got["error"]
+                break
+            figures[f"{key}_mibps"] = got["mibps"]
+            figures[f"{key}_origin_pct"] = 100 * got["_origin_bytes"] / size
+        figures["s10_tier_cache_mib"] = disk_bytes(tier.cache_dir) / MiB
+        with contextlib.suppress(OSError):
+            shutil.copy(tier.access_log, ctx.work / "logs" /
+                        f"tier-{peer.name}-s10-run{ctx.run}-{time.strftime('%H%M%S')}.log")
+    shutil.rmtree(ctx.work / f"tier-{peer.name}", ignore_errors=True)
+    return figures
+
+
 # which peers can do which scenario
 SUPPORTS: dict[str, set[str]] = {
     "1": {"rangefs", "rangefs-none", "aria2", "curl", "rclone", "rclone-tuned", "httpdirfs"},
@@ -492,4 +614,7 @@ SUPPORTS: dict[str, set[str]] = {
     "8": set(BUDGET_ARGS),
     # curl is the floor, as in 4; the FUSE peers' 4 KiB reads cost 16-4096 × in (4) already
     "9": {"rangefs", "rangefs-none", "curl"},
+    # issue 17: the download peers are the comparison (curl the one-connection floor); the
+    # other FUSE peers read at ~17 MiB/s in (1) and would add a minute each
+    "10": {"rangefs", "rangefs-none", "aria2", "curl"},
 }
