@@ -132,6 +132,15 @@ class Budget:
             limit = min(limit, self.cache_size)
         return max(0, limit)
 
+    def last_limit(self) -> int:
+        """The limit as of the last statvfs sample, without sampling: for other threads
+        (the metrics server) and status, which must not touch the books."""
+        capacity = self._capacity
+        limit = capacity if capacity is not None else 1 << 62
+        if self.cache_size is not None:
+            limit = min(limit, self.cache_size)
+        return max(0, limit)
+
     def high_water(self) -> int:
         """Above this the evictor runs."""
         limit = self.limit()
@@ -288,3 +297,13 @@ class Budget:
 
     def held_extents(self) -> int:
         return len(self._extents)
+
+    def extents_of(self, key: str) -> tuple[int, ...]:
+        """The extents of ``key``'s open cache that hold blocks, oldest first."""
+        own = self._extents_of.get(key, set())
+        return tuple(extent for (k, extent) in self._extents if k == key and extent in own)
+
+    def closed_bytes(self, key: str) -> int | None:
+        """Bytes of ``key``'s closed cache on disk; None if it has none."""
+        entry = self._closed.get(key)
+        return None if entry is None else entry[0]

@@ -31,9 +31,11 @@ import trio
 
 from . import service
 from .budget import DEFAULT_MIN_FREE, EXTENT_BYTES, MinFree
+from .clictl import evict_command, prefetch_command, status_command
 from .digests import parse_digest
 from .download import DownloadOptions, DownloadStats, cat_url, download_file, partial_dir
 from .errors import CacheLocked, RangefsError, UsageError
+from .metrics import parse_address
 from .mount import MountConfig, check_mountpoint, run_mount
 from .objects import Prefetch, StoreConfig
 from .proxies import ProxyConfig
@@ -431,6 +433,9 @@ def rangefs() -> None:
               show_envvar=True, default=None,
               help="File of HTTP headers, one 'Name: value' a line ('#' comments allowed), "
                    "added to those of --header.")
+@click.option("--metrics", default=None, metavar="ADDRESS",
+              help="Serve Prometheus metrics at http://ADDRESS/metrics (PORT or HOST:PORT; "
+                   "the host defaults to 127.0.0.1).  [default: off]")
 @click.option("--allow-other", is_flag=True,
               help="Let other users access the mount (needs user_allow_other in "
                    "/etc/fuse.conf when not root).  [default: only the mounting user]")
@@ -462,6 +467,7 @@ def mount_command(
     no_proxy: bool,
     cacert: str | None,
     header_file: str | None,
+    metrics: str | None,
     allow_other: bool,
     foreground: bool,
     log_file: str | None,
@@ -480,6 +486,8 @@ def mount_command(
         http_headers = _http_headers(headers, header_file)
         trusted = _cacert(cacert)
         _check_proxy(proxy, no_proxy)
+        if metrics is not None:
+            parse_address(metrics)
         entries = read_url_list(urllist)
         target = Path(mountpoint).absolute()
         service.clear_stale_mount(target)  # only a rangefs mount whose process is gone
@@ -508,6 +516,7 @@ def mount_command(
             allow_other=allow_other,
             debug_fuse=debug,
             foreground=foreground,
+            metrics=metrics,
         )
         if not foreground:
             daemon = service.Daemon()
@@ -768,6 +777,11 @@ def cat_command(url: str, verbose: int, **kw: Any) -> None:
     setup_logging(verbose=verbose, debug=False, log_file=None)
     options = _job_options(url, **kw)
     _run_job(functools.partial(cat_url, url, sys.stdout.fileno(), options))
+
+
+rangefs.add_command(status_command)
+rangefs.add_command(prefetch_command)
+rangefs.add_command(evict_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

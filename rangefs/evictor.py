@@ -54,6 +54,7 @@ class Evictor:
         self._cachedir = cachedir
         self._lookup = lookup
         self._wake = trio.Event()
+        self._lock = trio.Lock()  # one eviction at a time: the loop's or evict_object's
 
     def wake(self) -> None:
         """The books went over the high-water mark: evict now. No await."""
@@ -80,8 +81,27 @@ class Evictor:
                 await self._wake.wait()
             self._wake = trio.Event()
 
+    async def evict_object(self, key: str) -> int:
+        """Evict every cached block of ``key`` that no read waits for or reads and that is
+        not being opened, filled or checked (``rangefs evict``); bytes freed."""
+        async with self._lock:
+            budget = self.budget
+            before = budget.used
+            obj = self._lookup(key)
+            if obj is not None and obj.open_cache() is not None:
+                extents = budget.extents_of(key)
+                if extents:
+                    await self._evict_extents(Victim(key, extents))
+            elif budget.closed_bytes(key) is not None:
+                await self._remove_closed(key)
+            return max(0, before - budget.used)
+
     async def evict_down(self) -> int:
         """Evict in LRU order until the books are at the low-water mark; bytes freed."""
+        async with self._lock:
+            return await self._evict_down()
+
+    async def _evict_down(self) -> int:
         budget = self.budget
         freed = 0
         skipped = 0

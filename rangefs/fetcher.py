@@ -64,6 +64,7 @@ from .errors import (
 from .ranges import ByteRange, range_for_index
 from .ratecontrol import BackoffPolicy, Limiter
 from .source import Reader
+from .stats import MountStats
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +179,12 @@ class ObjectFetcher:
         demand_request_bytes: int = DEFAULT_DEMAND_REQUEST_BYTES,
         fill_request_bytes: int = DEFAULT_FILL_REQUEST_BYTES,
         on_remote_changed: Callable[[RemoteChanged], None] | None = None,
+        mount_stats: MountStats | None = None,
     ) -> None:
         self.cache = cache
         self.reader = reader
         self.stats = FetchStats()
+        self._mount_stats = mount_stats  # its retries are counted there too
         self._limiter = limiter
         self._backoff = backoff
         self._demand_slots = demand_slots
@@ -542,6 +545,8 @@ class ObjectFetcher:
                         log.info("%s %s: %s; retrying in %.2f s",
                                  self.reader.name, self._range(flight), exc, delay)
                         self.stats.retries += 1
+                        if self._mount_stats is not None:
+                            self._mount_stats.retries += 1
                         await trio.sleep(delay)
                         backoff.retries += 1
                     except RemoteChanged as exc:
@@ -638,8 +643,15 @@ class ObjectFetcher:
                 self._on_remote_changed(exc)
 
 
-async def retry_transient(call: Callable[[], Awaitable[T]], policy: BackoffPolicy, what: str) -> T:
-    """Await ``call()`` until it does not raise TransientError, backing off per ``policy``.
+async def retry_transient(
+    call: Callable[[], Awaitable[T]],
+    policy: BackoffPolicy,
+    what: str,
+    *,
+    stats: MountStats | None = None,
+) -> T:
+    """Await ``call()`` until it does not raise TransientError, backing off per ``policy``
+    (each retry counted in ``stats`` when given).
 
     Gives up with RetriesExhausted (cause: the last error) when the policy says so; other
     errors pass through at once. For one-off requests such as probes.
@@ -662,5 +674,7 @@ async def retry_transient(call: Callable[[], Awaitable[T]], policy: BackoffPolic
                     f"{what}: gave up after {backoff.retries} retries: {exc}"
                 ) from exc
             log.info("%s: %s; retrying in %.2f s", what, exc, delay)
+            if stats is not None:
+                stats.retries += 1
             await trio.sleep(delay)
             backoff.retries += 1

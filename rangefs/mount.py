@@ -21,6 +21,7 @@ the FUSE bdi's read-ahead (128 KiB by default), which is raised through
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -35,8 +36,10 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import service
+from . import control, service
 from .errors import InternalError, RangefsError, UsageError
+from .metrics import CacheGauges, MetricsServer
+from .mountctl import MountControl
 from .objects import ObjectStore, StoreConfig
 from .ops import RangeOperations
 from .tree import Tree
@@ -66,6 +69,7 @@ class MountConfig:
     read_ahead_kb: int = 1024  # kernel read-ahead for the mount; 0 = leave the default
     max_background: int = 64  # FUSE reads the kernel passes on at once; 0 = leave (12)
     ready_timeout: float = 30.0  # the mount must answer a stat within this
+    metrics: str | None = None  # --metrics ADDRESS: serve Prometheus metrics there
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -261,6 +265,40 @@ async def run_mount(
         raise
 
 
+def _start_metrics(config: MountConfig, store: ObjectStore) -> MetricsServer | None:
+    """The --metrics endpoint, listening (UsageError if it cannot), or None."""
+    if config.metrics is None:
+        return None
+    budget = store.budget
+    server = MetricsServer(config.metrics, store.stats, CacheGauges(
+        used=lambda: budget.used,
+        limit=budget.last_limit,
+        evicted=lambda: budget.evicted_bytes,
+        open_objects=store.open_caches,
+    ))
+    server.start()
+    return server
+
+
+def _start_control(config: MountConfig, store: ObjectStore, tree: Tree,
+                   ops: RangeOperations) -> None:
+    """Listen on the control socket (``rangefs status``, ``prefetch``, ``evict``) and name
+    it in the root's ``user.rangefs.control``. A socket that cannot be made costs those
+    commands only: one warning, and the mount goes on."""
+    path = control.socket_path(store.cachedir.root)
+    try:
+        sock = control.bind(path)
+    except (OSError, UsageError) as exc:
+        log.warning("no control socket (rangefs status/prefetch/evict will not reach this "
+                    "mount): %s: %s", path, getattr(exc, "strerror", None) or exc)
+        return
+    commands = MountControl(mountpoint=config.mountpoint, urllist=config.urllist, tree=tree,
+                            store=store)
+    store.tasks.start("control socket", control.serve, sock, path, commands.handlers)
+    store.tasks.start("origin rate sampler", commands.sample_rate)
+    ops.control_socket = os.fspath(path)
+
+
 def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The one leaf exception of ``group`` (nested groups flattened), or None if several."""
     leaves: list[BaseException] = []
@@ -301,12 +339,17 @@ async def _run_mount(
     ops = RangeOperations(tree, store, block_size=config.store.block_size)
     mountpoint = os.fspath(config.mountpoint)
     initialised = False
-    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals, \
+            contextlib.ExitStack() as stack:
         try:
             async with trio.open_nursery() as nursery:
                 shutdown = _Shutdown(nursery.cancel_scope)
                 nursery.start_soon(_watch_signals, signals, shutdown)
                 await nursery.start(store.run)
+                metrics = _start_metrics(config, store)
+                if metrics is not None:
+                    stack.callback(metrics.stop)
+                _start_control(config, store, tree, ops)
                 async with trio.open_nursery() as fuse:
                     try:
                         pyfuse3.init(ops, mountpoint, fuse_options(config))

@@ -70,6 +70,7 @@ from .scheduler import (  # noqa: F401 - FLUSH_PERIOD re-exported
     save_metadata_periodically,
 )
 from .source import HttpOptions, HttpSession, RemoteInfo
+from .stats import MountStats
 from .tasks import Tasks, contain
 from .urllist import Entry
 
@@ -242,8 +243,12 @@ class ObjectHandle:
         # read-ahead and fill first: their flights start while this read waits for its own
         self._read_ahead(offset, end, last)
         token = version.pin(first, last)  # none of its blocks is evicted until it is done
+        started = trio.current_time()
+        cached = True
+        failed = True
         try:
             if cache.bitmap.first_clear(first, last + 1) is not None:
+                cached = False
                 with trio.move_on_after(obj.store.config.read_timeout) as scope:
                     await version.fetcher.fetch(first, last)
                 if scope.cancelled_caught:
@@ -257,9 +262,12 @@ class ObjectHandle:
             else:
                 obj.store.budget.touched(obj.key, first, last)
             data = await cache.read_at_async(offset, end - offset)
+            obj.check_generation(version)  # the disk read may have overlapped a version change
+            failed = False
         finally:
             version.unpin(token)
-        obj.check_generation(version)  # the disk read may have overlapped a version change
+            obj.store.stats.read_done(end - offset, trio.current_time() - started,
+                                      cached=cached, failed=failed)
         return data
 
     def _read_ahead(self, offset: int, end: int, last: int) -> None:
@@ -371,6 +379,7 @@ class MountedObject:
                     lambda: self.store.session.probe(self.entry.url),
                     self.store.config.backoff,
                     self.name,
+                    stats=self.store.stats,
                 )
             if self.entry.size is not None and info.size != self.entry.size:
                 raise PermanentError(
@@ -506,6 +515,7 @@ class MountedObject:
             demand_slots=self.store.demand_slots,
             fill_slots=self.store.fill_slots,
             on_remote_changed=self._on_remote_changed,
+            mount_stats=self.store.stats,
         )
         version = _Version(self._generation, info, cache, fetcher)
         self._version = version
@@ -582,6 +592,33 @@ class MountedObject:
             self._keep_cache = False
             self.store.invalidate_kernel_cache(self)
             await self._start_version(info)
+
+    def state(self) -> tuple[int | None, int, str, str]:
+        """For status: (size or None if not yet known, bytes cached, state, reason). The
+        state is ``failed`` (reason: why), ``verified`` (complete, digest checked),
+        ``verifying`` (complete, digest not yet checked), ``complete`` (no digest known),
+        ``filling``, ``reading`` (open, not filling) or ``idle``."""
+        attrs = self.attrs_nowait()
+        size = attrs.size if attrs is not None else None
+        cached = self.cached_bytes()
+        version = self._version
+        if self._failed is not None:
+            return size, cached, "failed", str(self._failed)
+        if version is None and self._closed is None:
+            # cached by an earlier mount and not opened in this one: what it holds on disk
+            # (blocks and index), an estimate; its state stays idle until it is opened
+            on_disk = self.store.budget.closed_bytes(self.key) or 0
+            return size, min(on_disk, size if size is not None else on_disk), "idle", ""
+        if size is not None and cached >= size:
+            if self._verified == "ok":
+                return size, cached, "verified", ""
+            checking = self._verified is None and self.expected_digest() is not None
+            return size, cached, ("verifying" if checking else "complete"), ""
+        if version is not None and version.filling and not version.stopped:
+            return size, cached, "filling", ""
+        if self.opened > 0:
+            return size, cached, "reading", ""
+        return size, cached, "idle", ""
 
     def in_use(self) -> bool:
         """Open by a handle, or being opened, filled or checked (``working``)."""
@@ -774,6 +811,7 @@ class ObjectStore:
     def __init__(self, entries: Sequence[Entry], config: StoreConfig) -> None:
         self.config = config
         self.started = time.time()
+        self.stats = MountStats()  # the mount's counters (status, metrics)
         self.limiter = Limiter(bytes_per_second=config.max_rate)
         # whole-object fills: running (start_fill, fill_completely) and waiting
         self.fills: FillQueue[tuple[MountedObject, _Version]] = FillQueue(CONCURRENT_FILLS)
@@ -826,6 +864,12 @@ class ObjectStore:
         assert self._budget is not None, "ObjectStore.run() is not running"
         return self._budget
 
+    @property
+    def evictor(self) -> Evictor:
+        """The eviction loop of the cache directory (see ``evictor.py``)."""
+        assert self._evictor is not None, "ObjectStore.run() is not running"
+        return self._evictor
+
     def stored(self, key: str, first: int, count: int) -> None:
         """A cache stored ``count`` blocks from ``first`` (its ``stored_listener``)."""
         budget = self.budget
@@ -870,6 +914,10 @@ class ObjectStore:
                 except RangefsError as exc:
                     contain(f"closing the idle cache of {obj.name}", exc)
 
+    def open_caches(self) -> int:
+        """Objects whose cache is open now (any thread may ask)."""
+        return len(self._active)
+
     def get(self, entry: Entry) -> MountedObject:
         """The object for an entry of the list."""
         return self._by_entry[entry]
@@ -901,7 +949,7 @@ class ObjectStore:
             self.config.cache_min_free,
         )
         try:
-            async with HttpSession(self.config.http) as session:
+            async with HttpSession(self.config.http, stats=self.stats) as session:
                 self._session = session
                 try:
                     async with trio.open_nursery() as nursery:

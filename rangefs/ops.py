@@ -27,6 +27,7 @@ from typing import NewType
 import pyfuse3
 import trio
 
+from .control import XATTR as CONTROL_XATTR
 from .errors import (
     CacheError,
     InternalError,
@@ -41,7 +42,7 @@ from .errors import (
 )
 from .objects import MountedObject, ObjectAttrs, ObjectHandle, ObjectStore
 from .redact import redact_url
-from .tree import DirNode, FileNode, InodeNo, Node, Tree
+from .tree import ROOT_INODE, DirNode, FileNode, InodeNo, Node, Tree
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,9 @@ class RangeOperations(pyfuse3.Operations):
         self._handles: dict[FileHandle, tuple[ObjectHandle, str]] = {}  # handle, redacted URL
         self._next_fh = 1
         self._links: dict[InodeNo, int] = {}
+        # the mount's control socket, named by the root's user.rangefs.control (set by
+        # the mount once it listens)
+        self.control_socket: str | None = None
 
     # -- error translation -------------------------------------------------------------
 
@@ -386,6 +390,8 @@ class RangeOperations(pyfuse3.Operations):
     def _xattrs(self, inode: int, op: str) -> dict[str, bytes]:
         node = self._node(inode)
         if isinstance(node, DirNode):
+            if node.inode == ROOT_INODE and self.control_socket is not None:
+                return {CONTROL_XATTR: os.fsencode(self.control_socket)}
             return {}
         with self._guard(op, self._describe(node)):
             return self._object(node).xattrs()

@@ -230,6 +230,9 @@ class FaultServer:
         """Seconds to wait before answering every request (first-byte delay)."""
         self.keep_log = keep_log
         """False: log nothing (long load runs in process mode)."""
+        self.gate: threading.Event | None = None
+        """When set to an unset Event, every GET waits (at most 60 s) until it is set: a
+        test sees the client with requests in flight, then lets them go."""
         self._lock = threading.Lock()
         self._objects: dict[str, RemoteObject] = {}
         self._redirects: dict[str, tuple[int, str]] = {}
@@ -701,6 +704,9 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         if owner.delay:
             owner._pause(owner.delay)
+        gate = owner.gate
+        if gate is not None and rec.method == "GET":
+            gate.wait(60.0)
         fault = owner._take_fault(rec.path, rec.method)
         if fault is not None:
             rec.fault = fault.kind

@@ -161,15 +161,16 @@ def _head_us(parse: Callable[[], object], n: int = 20000) -> float:
     return best
 
 
+class _Sink:
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+
 def _llhttp_head() -> object:
-    class Sink:
-        def __init__(self) -> None:
-            self.headers: list[tuple[bytes, bytes]] = []
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self.headers.append((name, value))
-
-    sink = Sink()
+    sink = _Sink()
     parser = httptools.HttpResponseParser(sink)
     parser.feed_data(HEAD)
     return parser.get_status_code(), sink.headers

@@ -1,0 +1,181 @@
+"""The commands a mount answers on its control socket (``control.py``): one handler each.
+
+``status``   the mount (mount point, URL list, cache directory, budget and use), its
+             counters (``stats.py``) with the current origin rate, and with ``files`` or
+             ``paths`` the state of files: size, bytes cached, state and why.
+``prefetch`` ``paths`` (files or directories, recursively): fill each file's cache whole,
+             at background priority (one whole-object fill at a time, behind reads);
+             answers at once with the files taken; progress is read with ``status``.
+``evict``    ``paths``: drop their cached blocks, except blocks a read waits for or reads
+             and objects being opened, filled or checked; answers with the bytes freed.
+
+Paths are relative to the mount's root ('' or '.' is the root). Every handler runs on the
+trio thread and returns quickly: nothing here waits for the network.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .control import ControlError, Handlers
+from .objects import MountedObject, ObjectStore
+from .tree import DirNode, FileNode, Node, Tree
+
+RATE_WINDOW = 5.0
+"""Seconds over which status's current origin rate is averaged."""
+MAX_FILES = 100_000
+"""Most files one status or prefetch answer lists."""
+YIELD_EVERY = 256
+"""A long listing lets other tasks (reads) run after this many files."""
+
+
+class MountControl:
+    """The handlers of one mount; :meth:`sample_rate` is its one background task."""
+
+    def __init__(self, *, mountpoint: Path, urllist: str, tree: Tree, store: ObjectStore) -> None:
+        self._mountpoint = mountpoint
+        self._urllist = urllist
+        self._tree = tree
+        self._store = store
+        self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=16)
+        self._queued: set[str] = set()  # keys of prefetches not yet finished
+
+    @property
+    def handlers(self) -> Handlers:
+        return {"status": self.status, "prefetch": self.prefetch, "evict": self.evict}
+
+    async def sample_rate(self) -> None:
+        """Record the origin byte count every second (for status's current rate); runs
+        until cancelled."""
+        while True:
+            self._samples.append((trio.current_time(), self._store.stats.bytes_fetched))
+            await trio.sleep(1.0)
+
+    def _rate(self) -> float:
+        """Origin bytes per second over the last RATE_WINDOW seconds (0 before 1 s)."""
+        now, current = trio.current_time(), self._store.stats.bytes_fetched
+        for when, count in self._samples:
+            if now - when <= RATE_WINDOW + 0.5:
+                return (current - count) / max(now - when, 1e-3) if now - when >= 0.5 else 0.0
+        return 0.0
+
+    # -- paths ----------------------------------------------------------------------------
+
+    def _node(self, path: str) -> Node:
+        node: Node = self._tree.root
+        for part in path.split("/"):
+            if part in ("", "."):
+                continue
+            if not isinstance(node, DirNode):
+                raise ControlError(f"{path}: not a directory in the mount")
+            found = self._tree.lookup(node.inode, part)
+            if found is None:
+                raise ControlError(f"{path}: no such file in the mount")
+            node = found
+        return node
+
+    def _files(self, paths: list[str]) -> Iterator[tuple[str, MountedObject]]:
+        """(path, object) of every file named or under a directory named, once each."""
+        seen: set[int] = set()
+        for path in paths:
+            stack = [self._node(path)]
+            while stack:
+                node = stack.pop()
+                if isinstance(node, FileNode):
+                    if node.inode not in seen:
+                        seen.add(node.inode)
+                        yield (self._tree.path(node.inode).as_posix(),
+                               self._store.get(node.entry))
+                else:
+                    children = self._tree.children(node.inode)
+                    stack.extend(child for _, child in reversed(children))
+
+    @staticmethod
+    def _paths(req: Mapping[str, Any]) -> list[str]:
+        paths = req.get("paths", [])
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ControlError('"paths" must be a list of paths inside the mount')
+        return paths or [""]
+
+    # -- commands -------------------------------------------------------------------------
+
+    async def status(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        store = self._store
+        budget = store.budget
+        snap = store.stats.snapshot()
+        out: dict[str, Any] = {
+            "mount": {
+                "mountpoint": os.fspath(self._mountpoint),
+                "urllist": self._urllist,
+                "cache_dir": os.fspath(store.cachedir.root),
+                "pid": os.getpid(),
+                "entries": len(self._tree.files()),
+            },
+            "cache": {
+                "used": budget.used,
+                "limit": budget.last_limit(),
+                "cache_size": budget.cache_size,
+                "min_free": str(budget.min_free),
+                "evicted": budget.evicted_bytes,
+            },
+            "stats": {**snap.as_json(), "rate": self._rate()},
+        }
+        if req.get("files") or req.get("paths"):
+            files = []
+            for i, (path, obj) in enumerate(_take(self._files(self._paths(req)))):
+                if i % YIELD_EVERY == YIELD_EVERY - 1:
+                    await trio.lowlevel.checkpoint()  # reads go on during a long listing
+                files.append(self._file(path, obj))
+            out["files"] = files
+        return out
+
+    def _file(self, path: str, obj: MountedObject) -> dict[str, Any]:
+        size, cached, state, reason = obj.state()
+        if state in ("idle", "reading") and obj.key in self._queued:
+            state = "queued"
+        return {"path": path, "url": obj.name, "size": size, "cached": cached,
+                "state": state, "reason": reason}
+
+    async def _prefetch(self, obj: MountedObject) -> None:
+        try:
+            await obj.fill_completely()
+        finally:
+            self._queued.discard(obj.key)
+
+    async def prefetch(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        store = self._store
+        files = []
+        for path, obj in _take(self._files(self._paths(req))):
+            state = obj.state()[2]
+            if state not in ("complete", "verified", "failed") and obj.key not in self._queued:
+                self._queued.add(obj.key)
+                store.tasks.start(f"prefetch {path}", self._prefetch, obj)
+            files.append(self._file(path, obj))
+        return {"files": files, "limit": store.budget.last_limit()}
+
+    async def evict(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        freed = 0
+        kept: list[str] = []
+        files = 0
+        evictor = self._store.evictor
+        for path, obj in _take(self._files(self._paths(req))):
+            files += 1
+            freed += await evictor.evict_object(obj.key)
+            if obj.cached_bytes() > 0:
+                kept.append(path)
+        return {"files": files, "freed": freed, "kept": kept}
+
+
+def _take(items: Iterator[tuple[str, MountedObject]]) -> list[tuple[str, MountedObject]]:
+    out: list[tuple[str, MountedObject]] = []
+    for item in items:
+        if len(out) >= MAX_FILES:
+            raise ControlError(f"more than {MAX_FILES} files: name a smaller directory")
+        out.append(item)
+    return out
