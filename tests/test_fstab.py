@@ -219,12 +219,14 @@ def test_fstab_line(
         "# a test fstab\n"
         f"{urls} {mnt} fuse.rangefs defaults,_netdev,nofail,noatime,x-systemd.automount,"
         f"x-systemd.idle-timeout=600,comment=rangefs,cache_dir={cache},cache_size=1G,"
-        "prefetch=none,concurrency=4 0 0\n"
+        'prefetch=none,concurrency=4,header="X-Fstab:\\040a,b" 0 0\n'
     )
     result = ns.run("mount", "--fstab", str(fstab), str(mnt))
     assert result.returncode == 0, result.stderr
     assert [m[:2] for m in ns.mounts(mnt)] == [("fuse.rangefs", str(urls))]
     _read_and_check(ns, mnt / "f.bin", "/f.bin")
+    # a quoted value keeps its comma; fstab's \040 is a space
+    assert {r.headers.get("x-fstab") for r in origin.gets("/f.bin")} == {"a,b"}
     again = ns.run("mount", "-a", "--fstab", str(fstab))
     assert again.returncode == 0, again.stderr
     assert len(ns.mounts(mnt)) == 1, "mount -a must not mount it a second time"
