@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 import trio
 
-from . import service
+from . import mountopts, service
 from .budget import DEFAULT_MIN_FREE, EXTENT_BYTES, MinFree
 from .clictl import evict_command, prefetch_command, status_command
 from .digests import parse_digest
@@ -479,6 +479,10 @@ def mount_command(
     URLLIST has one 'URL [PATH] [sha256:HEX | size=N]' entry a line ('#' comments); '-'
     reads it from standard input. MOUNTPOINT must be an empty directory. Unmount with
     'fusermount3 -u MOUNTPOINT' (or SIGTERM to the rangefs process).
+
+    Options also go the mount(8) way, '-o name[=value],...' with _ for - (-o
+    cache_size=50G,allow_other), and 'rangefs URLLIST MOUNTPOINT -o ...' is this command:
+    'mount -t fuse.rangefs' and /etc/fstab use that (see the README).
     """
     daemon: service.Daemon | None = None
     try:
@@ -785,8 +789,14 @@ rangefs.add_command(evict_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point."""
-    rangefs.main(args=list(argv) if argv is not None else None, prog_name="rangefs")
+    """Console-script entry point. ``rangefs LIST MOUNTPOINT -o OPTS`` (how mount.fuse3
+    runs it) means ``rangefs mount``; ``-o`` lists become options (see mountopts.py)."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        args = mountopts.rewrite_argv(args, rangefs)
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    rangefs.main(args=args, prog_name="rangefs")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from .urllist import Entry
 
 log = logging.getLogger(__name__)
 
-BASE_FUSE_OPTIONS = frozenset({"fsname=rangefs", "subtype=rangefs", "ro", "default_permissions"})
+BASE_FUSE_OPTIONS = frozenset({"subtype=rangefs", "ro", "default_permissions"})
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # pyfuse3 reads one request per task and starts a task for the next request only after a
 # read (one per scheduler pass): idle readers kept waiting let a burst of requests from
@@ -72,9 +72,24 @@ class MountConfig:
     metrics: str | None = None  # --metrics ADDRESS: serve Prometheus metrics there
 
 
+def fsname(urllist: str) -> str:
+    """The mount's source (mountinfo, ``df``, ``findmnt``): the URL list's real path, so
+    that ``mount -a`` sees the fstab line ``LIST MOUNTPOINT fuse.rangefs ...`` as mounted
+    (libmount compares sources) instead of mounting it again; ``rangefs`` for a list read
+    from stdin or a path pyfuse3 cannot pass (it encodes options as ASCII) or that has
+    white space. libfuse splits options on commas: commas and backslashes are escaped."""
+    if urllist == "-":
+        return "rangefs"
+    path = os.path.realpath(urllist)
+    if not path.isascii() or not path.isprintable() or any(c.isspace() for c in path):
+        return "rangefs"
+    return path.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def fuse_options(config: MountConfig) -> set[str]:
     """The option set handed to ``pyfuse3.init``."""
     options = set(BASE_FUSE_OPTIONS)
+    options.add(f"fsname={fsname(config.urllist)}")
     if config.allow_other:
         options.add("allow_other")
     if config.debug_fuse:

@@ -309,13 +309,15 @@ def test_writes_fail_with_erofs(tmp_path: Path, mnt: Path, cache: Path) -> None:
 
 
 def test_statfs(tmp_path: Path, mnt: Path, cache: Path) -> None:
-    with mounted(_tree_list(tmp_path), mnt, cache_dir=cache):
+    urls = _tree_list(tmp_path)
+    with mounted(urls, mnt, cache_dir=cache):
         st = os.statvfs(mnt)
         assert st.f_flag & os.ST_RDONLY
         assert st.f_blocks * st.f_frsize >= sum(n for _, _, n in TREE)
         assert st.f_bavail == 0 and st.f_files == len(TREE)
-        out = subprocess.run(["df", str(mnt)], capture_output=True, text=True, check=True)
-        assert "rangefs" in out.stdout
+        out = subprocess.run(["df", "--output=source,fstype", str(mnt)],
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.split()[-2:] == [str(urls), "fuse.rangefs"], out.stdout
 
 
 FUSECTL = Path("/sys/fs/fuse/connections")
