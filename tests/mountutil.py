@@ -290,3 +290,21 @@ def write_list(path: Path, lines: Sequence[str]) -> Path:
     """Write a URL list file; returns ``path``."""
     path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
     return path
+
+
+def rangefs_pids(mountpoint: Path) -> list[int]:
+    """Live (not zombie) rangefs processes whose command line names ``mountpoint``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and str(mountpoint).encode() in argv and any(
+            b"rangefs" in a for a in argv
+        ):
+            found.append(int(entry))
+    return found

@@ -17,7 +17,15 @@ from click.testing import CliRunner
 
 from rangefs import cli
 from rangefs.errors import UsageError
-from tests.mountutil import is_mounted, mounted, require_fuse, run_rangefs, unmount, write_list
+from tests.mountutil import (
+    is_mounted,
+    mounted,
+    rangefs_pids,
+    require_fuse,
+    run_rangefs,
+    unmount,
+    write_list,
+)
 
 # -- value parsers (in-process) ----------------------------------------------------------
 
@@ -272,21 +280,6 @@ def test_good_options_are_accepted(tmp_path: Path, mnt: Path) -> None:
 # -- daemon mode -------------------------------------------------------------------------
 
 
-def _pids_serving(mountpoint: Path) -> list[int]:
-    """rangefs processes whose command line names ``mountpoint``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(mountpoint).encode() in argv and any(b"rangefs" in a for a in argv):
-            found.append(int(entry))
-    return found
-
-
 def _wait_gone(pids: list[int], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -313,14 +306,14 @@ def test_daemon_mode_returns_0_once_mounted(tmp_path: Path, mnt: Path) -> None:
         assert result.returncode == 0, result.stderr
         assert is_mounted(mnt), "daemon mode must return only once the mount is live"
         assert os.path.getsize(mnt / "a") == 10
-        pids = _pids_serving(mnt)
+        pids = rangefs_pids(mnt)
         assert len(pids) == 1, pids
         os.kill(pids[0], signal.SIGTERM)
         _wait_gone(pids)
         assert not is_mounted(mnt)
     finally:
         unmount(mnt)
-        for pid in _pids_serving(mnt):
+        for pid in rangefs_pids(mnt):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -338,7 +331,7 @@ def test_daemon_mode_reports_the_child_error(tmp_path: Path, mnt: Path) -> None:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("rangefs: "), result.stderr
         assert not is_mounted(mnt)
-        _wait_gone(_pids_serving(mnt))
+        _wait_gone(rangefs_pids(mnt))
 
 
 def test_daemon_mode_unmount_with_fusermount_stops_the_daemon(tmp_path: Path, mnt: Path) -> None:
@@ -347,11 +340,11 @@ def test_daemon_mode_unmount_with_fusermount_stops_the_daemon(tmp_path: Path, mn
     try:
         result = run_rangefs(["mount", "--cache-dir", str(tmp_path / "c"), str(urls), str(mnt)])
         assert result.returncode == 0, result.stderr
-        pids = _pids_serving(mnt)
+        pids = rangefs_pids(mnt)
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
         _wait_gone(pids)
         assert not is_mounted(mnt)
     finally:
         unmount(mnt)
-        for pid in _pids_serving(mnt):
+        for pid in rangefs_pids(mnt):
             os.kill(pid, signal.SIGKILL)

@@ -36,6 +36,7 @@ from tests.mountutil import (
     child_env,
     mounted,
     rangefs_argv,
+    rangefs_pids,
     require_fuse,
     run_rangefs,
     unmount,
@@ -129,34 +130,16 @@ class HelperNamespace:
         try:
             if self.mounts(mountpoint):
                 self.run("umount", "-l", str(mountpoint))
-            for pid in _daemons(mountpoint):
+            for pid in rangefs_pids(mountpoint):
                 os.kill(pid, signal.SIGKILL)
         finally:
             self.holder.kill()
             self.holder.communicate(timeout=10)
 
 
-def _daemons(mountpoint: Path) -> list[int]:
-    """Live rangefs processes whose command line names ``mountpoint``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and str(mountpoint).encode() in argv and any(
-            b"rangefs" in a for a in argv
-        ):
-            found.append(int(entry))
-    return found
-
-
 def _wait_daemon_gone(mountpoint: Path) -> None:
     deadline = time.monotonic() + WAIT
-    while _daemons(mountpoint):
+    while rangefs_pids(mountpoint):
         if time.monotonic() > deadline:
             pytest.fail(f"the rangefs daemon of {mountpoint} still runs after the unmount")
         time.sleep(0.05)
