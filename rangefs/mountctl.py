@@ -4,7 +4,7 @@
              counters (``stats.py``) with the current origin rate, and with ``files`` or
              ``paths`` the state of files: size, bytes cached, state and why.
 ``prefetch`` ``paths`` (files or directories, recursively): fill each file's cache whole,
-             at background priority (one whole-object fill at a time, behind reads);
+             at background priority, one file after another (behind reads);
              answers at once with the files taken; progress is read with ``status``.
 ``evict``    ``paths``: drop their cached blocks, except blocks a read waits for or reads
              and objects being opened, filled or checked; answers with the bytes freed.
@@ -16,6 +16,7 @@ trio thread and returns quickly: nothing here waits for the network.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,8 +25,11 @@ from typing import Any
 import trio
 
 from .control import ControlError, Handlers
+from .errors import RangefsError
 from .objects import MountedObject, ObjectStore
 from .tree import DirNode, FileNode, Node, Tree
+
+log = logging.getLogger(__name__)
 
 RATE_WINDOW = 5.0
 """Seconds over which status's current origin rate is averaged."""
@@ -45,6 +49,8 @@ class MountControl:
         self._store = store
         self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=16)
         self._queued: set[str] = set()  # keys of prefetches not yet finished
+        self._queue: collections.deque[MountedObject] = collections.deque()
+        self._worker = False  # the prefetch worker runs
 
     @property
     def handlers(self) -> Handlers:
@@ -142,11 +148,21 @@ class MountControl:
         return {"path": path, "url": obj.name, "size": size, "cached": cached,
                 "state": state, "reason": reason}
 
-    async def _prefetch(self, obj: MountedObject) -> None:
+    async def _prefetch_worker(self) -> None:
+        """Fill the queued objects one after another (one open cache at a time: a
+        directory of 50,000 files costs two descriptors, not 100,000); an object's
+        failure is logged and the next one goes on."""
         try:
-            await obj.fill_completely()
+            while self._queue:
+                obj = self._queue.popleft()
+                try:
+                    await obj.fill_completely()
+                except RangefsError as exc:
+                    log.warning("prefetch of %s failed: %s", obj.name, exc)
+                finally:
+                    self._queued.discard(obj.key)
         finally:
-            self._queued.discard(obj.key)
+            self._worker = False
 
     async def prefetch(self, req: Mapping[str, Any]) -> dict[str, Any]:
         store = self._store
@@ -155,8 +171,11 @@ class MountControl:
             state = obj.state()[2]
             if state not in ("complete", "verified", "failed") and obj.key not in self._queued:
                 self._queued.add(obj.key)
-                store.tasks.start(f"prefetch {path}", self._prefetch, obj)
+                self._queue.append(obj)
             files.append(self._file(path, obj))
+        if self._queue and not self._worker:
+            self._worker = True
+            store.tasks.start("prefetch", self._prefetch_worker)
         return {"files": files, "limit": store.budget.last_limit()}
 
     async def evict(self, req: Mapping[str, Any]) -> dict[str, Any]:
