@@ -130,30 +130,33 @@ def status_command(paths: Sequence[str], files: bool, as_json: bool, watch: bool
     targets = _targets(paths)
     try:
         while True:
-            answers = []
+            answers: list[dict[str, Any]] = []
+            failed: list[str] = []
             for mount, inner in targets:
                 args: dict[str, Any] = {"files": files}
                 if inner and any(inner):
                     args["paths"] = inner
                 try:
                     answers.append(_ask(mount, "status", **args))
-                except ControlError as exc:
-                    if not watch:
-                        _fail(str(exc))
-                    answers.append({"error": str(exc), "mount": {"mountpoint":
-                                                                 str(mount.mountpoint)}})
+                except ControlError as exc:  # one mount's failure: the others still show
+                    failed.append(str(exc))
+                    answers.append({"mount": {"mountpoint": str(mount.mountpoint)},
+                                    "error": str(exc)})
             if as_json:
                 text = json.dumps(answers, indent=2)
             else:
-                text = "\n\n".join(
-                    f"{a['mount']['mountpoint']}: {a['error']}" if "error" in a else _render(a)
-                    for a in answers)
+                text = "\n\n".join(_render(a) for a in answers if "error" not in a)
             if watch:
-                click.echo("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + "\n" + text)
+                lines = [f"rangefs: {e}" for e in failed]
+                click.echo("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S") + "\n"
+                           + "\n".join([*lines, text]))
                 time.sleep(interval)
-            else:
+                continue
+            if text:
                 click.echo(text)
-                return
+            for error in failed:
+                click.echo(f"rangefs: {error}", err=True)
+            sys.exit(EXIT_FAILURE if failed else 0)
     except KeyboardInterrupt:
         return
 

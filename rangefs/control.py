@@ -23,6 +23,7 @@ Why by hand: the protocol is a line of JSON each way over a local socket; a libr
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ import os
 import socket
 import struct
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,14 +183,33 @@ class MountInfo:
     source: str  # what mount(8) shows as the source (the URL list)
     uid: int | None  # the user_id= of the FUSE mount
 
-    def control_socket(self) -> Path:
+    def control_socket(self, timeout: float = CLIENT_TIMEOUT) -> Path:
         """The socket named by the root's ``user.rangefs.control``; ControlError if the
-        mount does not answer (hung, or too old to have one)."""
-        try:
-            return Path(os.fsdecode(os.getxattr(self.mountpoint, XATTR)))
-        except OSError as exc:
+        mount's process is gone, does not answer within ``timeout`` seconds (the
+        ``getxattr`` is left blocked in a daemon thread: a FUSE call cannot be cancelled),
+        or is too old to have one."""
+        result: list[bytes | OSError] = []
+
+        def ask() -> None:
+            try:
+                result.append(os.getxattr(self.mountpoint, XATTR))
+            except OSError as exc:
+                result.append(exc)
+
+        thread = threading.Thread(target=ask, name="getxattr", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if not result:
+            raise ControlError(f"{self.mountpoint}: the mount did not answer within "
+                               f"{timeout:g} s (is its process stopped?)")
+        value = result[0]
+        if isinstance(value, OSError):
+            if value.errno == errno.ENOTCONN:
+                raise ControlError(f"{self.mountpoint}: the rangefs process of this mount is "
+                                   f"gone ('fusermount3 -u -z {self.mountpoint}' clears it)")
             raise ControlError(f"{self.mountpoint}: the mount does not name its control "
-                               f"socket ({exc.strerror or exc})") from exc
+                               f"socket ({value.strerror or value})")
+        return Path(os.fsdecode(value))
 
 
 def _unescape(field: str) -> str:

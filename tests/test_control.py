@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
+import signal
 import stat
+import subprocess
 import threading
 import time
 import urllib.request
@@ -20,7 +23,15 @@ from rangefs.clictl import _percentile
 from rangefs.errors import UsageError
 from tests import content
 from tests.faultserver import FaultServer
-from tests.mountutil import mounted, run_rangefs, write_list
+from tests.mountutil import (
+    ROOT,
+    child_env,
+    mounted,
+    rangefs_argv,
+    run_rangefs,
+    start_mount,
+    write_list,
+)
 from tests.tlsrig import free_port
 
 MIB = 1 << 20
@@ -201,3 +212,62 @@ def test_unit_find_mounts_and_mount_of(tmp_path: Path) -> None:
     assert control.mount_of(Path("/srv/my models/inner/x"), found) == (found[1], "x")
     assert control.mount_of(Path("/srv/my models"), found) == (found[0], "")
     assert control.mount_of(Path("/srv"), found) is None
+
+
+def test_status_of_a_killed_mount_and_the_remount_on_its_cache(
+    tmp_path: Path, cache: Path, origin: FaultServer
+) -> None:
+    """kill -9 of one mount: status shows the live one and one line for the dead one
+    (exit 1); the next mount on the dead one's cache replaces its stale socket."""
+    origin.add("/k.bin", 100_000)
+    urls = write_list(tmp_path / "k.urls", [origin.url("/k.bin")])
+    live_mnt, dead_mnt = tmp_path / "live", tmp_path / "dead"
+    dead_cache = tmp_path / "dead-cache"
+    with mounted(urls, live_mnt, "--prefetch", "none", cache_dir=cache):
+        dead = start_mount(urls, dead_mnt, "--prefetch", "none", cache_dir=dead_cache)
+        try:
+            dead.wait_mounted()
+            dead.send(signal.SIGKILL)
+            dead.wait_exit()
+            assert (dead_cache / control.SOCKET_NAME).exists()  # left behind by the kill
+            done = run_rangefs(["status", str(live_mnt), str(dead_mnt)])
+            assert done.returncode == 1
+            assert f"{live_mnt}  pid " in done.stdout
+            assert done.stderr.strip() == (
+                f"rangefs: {dead_mnt}: the rangefs process of this mount is gone "
+                f"('fusermount3 -u -z {dead_mnt}' clears it)")
+        finally:
+            dead.cleanup()
+        with mounted(urls, dead_mnt, "--prefetch", "none", cache_dir=dead_cache):
+            (answer,) = status_json(str(dead_mnt))
+            mount = answer["mount"]
+            assert isinstance(mount, dict) and mount["cache_dir"] == str(dead_cache)
+
+
+def test_status_watch_refreshes_until_ctrl_c(tmp_path: Path, mnt: Path, cache: Path,
+                                             origin: FaultServer) -> None:
+    origin.add("/w.bin", 10)
+    urls = write_list(tmp_path / "w.urls", [origin.url("/w.bin")])
+    with mounted(urls, mnt, "--prefetch", "none", cache_dir=cache):
+        watch = subprocess.Popen(
+            [*rangefs_argv(), "status", "--watch", "--interval", "0.2", str(mnt)],
+            env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert watch.stdout is not None
+            frames = 0
+            deadline = time.monotonic() + GUARD
+            while frames < 2 and time.monotonic() < deadline:
+                ready, _, _ = select.select([watch.stdout], [], [], deadline - time.monotonic())
+                if not ready:
+                    break
+                line = watch.stdout.readline().decode()
+                if not line:
+                    break
+                frames += line.startswith(f"{mnt}  pid ")
+            assert frames == 2, "two refreshes not seen"
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(GUARD) == 0
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+                watch.wait()
