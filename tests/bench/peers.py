@@ -8,9 +8,12 @@ Two kinds:
   and reaps the daemon.
 - Download peers (aria2c, curl) fetch whole objects to a local file.
 
-Variants that are not "defaults" (``rclone-tuned``, ``rangefs-none``) are shown in the
-table but never count as the best *default* peer for rangefs's ratio, except rclone-tuned
-which counts as a peer (people do tune rclone); ``rangefs-*`` variants never count.
+Variants that are not "defaults" (``rclone-tuned``, ``rangefs-none``, ``rangefs-metrics``)
+are shown in the table but never count as the best *default* peer for rangefs's ratio,
+except rclone-tuned which counts as a peer (people do tune rclone); ``rangefs-*`` variants
+never count. ``rangefs-metrics`` is the ``rangefs`` mount plus ``--metrics`` on a free port,
+scraped once a second by a :class:`Scraper` thread for as long as it is mounted (issue 18:
+what the metrics endpoint costs).
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import contextlib
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +50,7 @@ class Peer:
     label: str  # how it was run, for the table's notes
     args: tuple[str, ...] = ()
     is_rangefs: bool = False
+    scrape: bool = False  # rangefs --metrics on a free port, scraped once a second (Scraper)
 
 
 PEERS: dict[str, Peer] = {
@@ -53,6 +60,8 @@ PEERS: dict[str, Peer] = {
              "concurrency 32)", is_rangefs=True),
         Peer("rangefs-none", "fuse", "rangefs mount --prefetch none", ("--prefetch", "none"),
              is_rangefs=True),
+        Peer("rangefs-metrics", "fuse", "rangefs mount --metrics 127.0.0.1:PORT (a free "
+             "port), GET /metrics once a second while mounted", is_rangefs=True, scrape=True),
         Peer("aria2", "download", "aria2c -x16 -s16 -k1M"),
         Peer("curl", "download", "curl (one connection)"),
         Peer("rclone", "fuse", "rclone mount :http: --vfs-cache-mode full"),
@@ -77,6 +86,7 @@ class Mounted:
     started: float  # perf_counter when the daemon was started
     mounted_at: float  # perf_counter when the mount appeared
     extra: dict[str, float] = field(default_factory=dict)
+    scraper: Scraper | None = None  # peers with scrape=True: running while mounted
 
     @property
     def pid(self) -> int:
@@ -97,6 +107,81 @@ class Mounted:
             return None
         ticks = os.sysconf("SC_CLK_TCK")
         return (int(fields[11]) + int(fields[12])) / ticks
+
+
+SCRAPE_INTERVAL_S = 1.0
+SCRAPE_TIMEOUT_S = 5.0
+# a line every scrape of a rangefs mount has: the read-latency histogram's count
+SCRAPE_MARK = "rangefs_read_duration_seconds_count"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Scraper:
+    """GETs ``url`` at once, then every ``interval`` seconds, on a daemon thread until
+    :meth:`stop`: what a Prometheus server does to the mount (at a far shorter interval than
+    its 15 s default). Counts the scrapes; the first failure (no answer within
+    ``SCRAPE_TIMEOUT_S``, a status other than 200, or a body without ``SCRAPE_MARK``) stops
+    it and is kept in :attr:`failure`."""
+
+    def __init__(self, url: str, interval: float = SCRAPE_INTERVAL_S) -> None:
+        self.url = url
+        self.interval = interval
+        self.scrapes = 0  # successful GETs
+        self.seconds: list[float] = []  # how long each successful GET took
+        self.reads = 0  # the mount's FUSE reads as of the last scrape (SCRAPE_MARK's value)
+        self.failure: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="scraper", daemon=True)
+
+    def start(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop and wait for the thread (an answer in flight: at most SCRAPE_TIMEOUT_S)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(SCRAPE_TIMEOUT_S + 5)
+
+    def _loop(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self._scrape()
+            except Exception as exc:
+                self.failure = (f"scrape {self.scrapes + 1} of {self.url}: "
+                                f"{type(exc).__name__}: {exc}")
+                return
+            next_at += self.interval
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def _scrape(self) -> None:
+        started = time.perf_counter()
+        with urllib.request.urlopen(self.url, timeout=SCRAPE_TIMEOUT_S) as resp:
+            status = resp.status
+            body = resp.read().decode(errors="replace")
+        took = time.perf_counter() - started
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}")
+        for line in body.splitlines():
+            if line.startswith(SCRAPE_MARK + " "):
+                self.reads = int(float(line.split()[1]))
+                break
+        else:
+            raise RuntimeError(f"no {SCRAPE_MARK} in the {len(body)}-byte answer")
+        self.scrapes += 1
+        self.seconds.append(took)
+
+
+class ScrapeFailed(RuntimeError):
+    """A scrape of a rangefs-metrics mount failed: the scenario step fails with it."""
 
 
 def fuse_argv(peer: Peer, *, base_url: str, sub: str, names: Sequence[str], mountpoint: Path,
@@ -136,6 +221,11 @@ def mounted(peer: Peer, *, base_url: str, sub: str, names: Sequence[str], work: 
     mountpoint.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     log_path = work / f"{tag}.log"
+    metrics_url = None
+    if peer.scrape:
+        port = free_port()
+        extra = (*extra, "--metrics", f"127.0.0.1:{port}")
+        metrics_url = f"http://127.0.0.1:{port}/metrics"
     argv = fuse_argv(peer, base_url=base_url, sub=sub, names=names, mountpoint=mountpoint,
                      cache_dir=cache_dir, work=work, sizes=sizes, extra=extra)
     env = dict(os.environ)
@@ -148,6 +238,7 @@ def mounted(peer: Peer, *, base_url: str, sub: str, names: Sequence[str], work: 
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
                                 start_new_session=True)
     spy: subprocess.Popen[bytes] | None = None
+    scraper: Scraper | None = None
     try:
         if not wait_mounted(mountpoint, proc, mount_timeout):
             tail = log_path.read_text(errors="replace")[-1500:]
@@ -163,8 +254,13 @@ def mounted(peer: Peer, *, base_url: str, sub: str, names: Sequence[str], work: 
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=open(str(profile) + ".stderr", "wb"),  # noqa: SIM115
             )
-        yield Mounted(peer, mountpoint, proc, cache_dir, log_path, started, mounted_at)
+        if metrics_url is not None:
+            scraper = Scraper(metrics_url).start()
+        yield Mounted(peer, mountpoint, proc, cache_dir, log_path, started, mounted_at,
+                      scraper=scraper)
     finally:
+        if scraper is not None:
+            scraper.stop()  # before the unmount, which closes the endpoint
         unmount(mountpoint, proc)
         if spy is not None:
             try:

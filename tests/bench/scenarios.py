@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .origin import Layout, Origin
-from .peers import Mounted, MountFailed, Peer, mounted
+from .peers import Mounted, MountFailed, Peer, ScrapeFailed, Scraper, mounted
 from .system import DiskPeak, disk_bytes, drop_page_cache, kill_group, log, run, run_rusage
 
 MiB = 1 << 20
@@ -108,16 +108,25 @@ def _fuse(ctx: Ctx, peer: Peer, scenario: str, sub: str, names: list[str],
     ``extra``: mount options added to the peer's own; ``base_url``: where the objects are
     read from (default the origin; scenario 10: a caching tier in front of it); ``hold``:
     count the origin's traffic once its log has held still that long (see
-    :meth:`Origin.quiet`); ``tag``: added to the names of the mount's logs."""
+    :meth:`Origin.quiet`); ``tag``: added to the names of the mount's logs.
+
+    A peer that scrapes its metrics (``rangefs-metrics``) adds ``s{scenario}_scrapes`` (GETs
+    of /metrics while mounted), ``s{scenario}_scrape_ms`` (the slowest) and
+    ``s{scenario}_scraped_reads`` (the mount's read count in the last scrape); a failed
+    scrape raises :class:`ScrapeFailed`, which fails the step."""
     cache = cache_dir or ctx.fresh(f"cache-{peer.name}-s{scenario}{tag}")
     mark = ctx.origin.mark()
     figures: Figures = {}
+    scraper: Scraper | None = None
     try:
         with mounted(peer, base_url=base_url or ctx.origin.base, sub=sub, names=names,
                      work=ctx.work, cache_dir=cache, tag=f"{peer.name}-s{scenario}{tag}",
                      sizes=sizes, profile=ctx.profile(peer, scenario), extra=extra) as m:
             figures = body(m)
             figures["_cpu_s"] = m.cpu_seconds()
+            scraper = m.scraper
+            if scraper is not None:
+                scraper.stop()
     except MountFailed as exc:
         figures["error"] = str(exc).splitlines()[0]
         log(f"  {peer.name}: {exc}")
@@ -127,6 +136,14 @@ def _fuse(ctx: Ctx, peer: Peer, scenario: str, sub: str, names: list[str],
     figures["_origin_requests"] = traffic.requests
     if cache_dir is None:
         shutil.rmtree(cache, ignore_errors=True)
+    if scraper is not None:
+        key = f"s{scenario}{tag}"
+        figures[f"{key}_scrapes"] = scraper.scrapes
+        if scraper.seconds:
+            figures[f"{key}_scrape_ms"] = max(scraper.seconds) * 1000
+        figures[f"{key}_scraped_reads"] = scraper.reads
+        if scraper.failure is not None:
+            raise ScrapeFailed(f"{scraper.failure} (after {scraper.scrapes} good ones)")
     return figures
 
 
@@ -474,6 +491,7 @@ def concurrent(ctx: Ctx, peer: Peer) -> Figures:
             why = result["errors"][:2] if result else "timeout"
             return {"error": f"readers failed: {why}"}
         return {"s7_mibps": result["bytes"] / MiB / result["seconds"],
+                "s7_p50_ms": pct(result["latencies"], 0.5) * 1000,
                 "s7_p99_ms": pct(result["latencies"], 0.99) * 1000,
                 "s7_cpu_s": m.cpu_seconds()}
 
@@ -600,20 +618,26 @@ def tier_machines(ctx: Ctx, peer: Peer) -> Figures:
     return figures
 
 
-# which peers can do which scenario
+# which peers can do which scenario; rangefs-metrics (issue 18) those where one mount's
+# figures are the step's (8 mounts twice and 10 two machines: their scrape counts would mix)
 SUPPORTS: dict[str, set[str]] = {
-    "1": {"rangefs", "rangefs-none", "aria2", "curl", "rclone", "rclone-tuned", "httpdirfs"},
-    "2": {"rangefs", "rangefs-none", "rclone", "rclone-tuned", "httpdirfs"},
-    "3": {"rangefs", "rangefs-none", "curl", "rclone", "rclone-tuned", "httpdirfs"},
-    "4": {"rangefs", "rangefs-none", "curl", "rclone", "rclone-tuned", "httpdirfs"},
-    "5": {"rangefs", "rangefs-none", "aria2", "curl", "rclone", "rclone-tuned", "httpdirfs"},
+    "1": {"rangefs", "rangefs-none", "rangefs-metrics", "aria2", "curl", "rclone",
+          "rclone-tuned", "httpdirfs"},
+    "2": {"rangefs", "rangefs-none", "rangefs-metrics", "rclone", "rclone-tuned", "httpdirfs"},
+    "3": {"rangefs", "rangefs-none", "rangefs-metrics", "curl", "rclone", "rclone-tuned",
+          "httpdirfs"},
+    "4": {"rangefs", "rangefs-none", "rangefs-metrics", "curl", "rclone", "rclone-tuned",
+          "httpdirfs"},
+    "5": {"rangefs", "rangefs-none", "rangefs-metrics", "aria2", "curl", "rclone",
+          "rclone-tuned", "httpdirfs"},
     "6": {"rangefs", "rclone", "httpdirfs"},  # the variants differ only in how they read
-    "7": {"rangefs", "rangefs-none", "aria2", "curl", "rclone", "rclone-tuned", "httpdirfs"},
+    "7": {"rangefs", "rangefs-none", "rangefs-metrics", "aria2", "curl", "rclone",
+          "rclone-tuned", "httpdirfs"},
     # issue 16: rclone's --vfs-cache-max-size is the one peer budget worth a row; httpdirfs
     # has no cache bound, the download peers no cache
     "8": set(BUDGET_ARGS),
     # curl is the floor, as in 4; the FUSE peers' 4 KiB reads cost 16-4096 × in (4) already
-    "9": {"rangefs", "rangefs-none", "curl"},
+    "9": {"rangefs", "rangefs-none", "rangefs-metrics", "curl"},
     # issue 17: the download peers are the comparison (curl the one-connection floor); the
     # other FUSE peers read at ~17 MiB/s in (1) and would add a minute each
     "10": {"rangefs", "rangefs-none", "aria2", "curl"},
