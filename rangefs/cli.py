@@ -632,7 +632,7 @@ def _download_options(
     *, block_size: int, concurrency: int, max_rate: int | None, sha256: str | None,
     retries: int, read_timeout: float, headers: Sequence[str], header_file: str | None,
     cacert: str | None = None, proxy: str | None = None, no_proxy: bool = False,
-    force: bool = False,
+    force: bool = False, from_mounts: bool = True,
 ) -> DownloadOptions:
     digest = None
     if sha256 is not None:
@@ -650,6 +650,7 @@ def _download_options(
         backoff=BackoffPolicy(steps=retries),
         digest=digest,
         force=force,
+        from_mounts=from_mounts,
     )
 
 
@@ -734,8 +735,11 @@ def _private_part_dir(dest: Path) -> bool:
 @click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress line.  [default: when stderr is a terminal]")
+@click.option("--from-mounts/--no-from-mounts", default=True, show_default=True,
+              help="First copy what the rangefs mounts of this user have cached of URL "
+                   "(the same version only), then fetch the rest.")
 def download_command(url: str, dest: Path | None, force: bool, progress: bool | None,
-                     verbose: int, **kw: Any) -> None:
+                     from_mounts: bool, verbose: int, **kw: Any) -> None:
     """Download URL to DEST (default: the URL's last path segment, in the current directory).
 
     Parallel range requests; resumable: blocks are kept in DEST.rangefs-part/ and a rerun
@@ -743,7 +747,7 @@ def download_command(url: str, dest: Path | None, force: bool, progress: bool | 
     only when complete and, when a digest is known, verified. Exit 0 only then.
     """
     setup_logging(verbose=verbose, debug=False, log_file=None)
-    options = _job_options(url, force=force, **kw)
+    options = _job_options(url, force=force, from_mounts=from_mounts, **kw)
     if dest is None or dest.is_dir():
         name, _ = default_name(url)
         if name is None:
@@ -763,7 +767,8 @@ def download_command(url: str, dest: Path | None, force: bool, progress: bool | 
     verified = f", {result.verified.algorithm} verified" if result.verified else ""
     click.echo(
         f"{result.dest}: {result.size} bytes ({result.downloaded_bytes} downloaded, "
-        f"{result.found_cached_bytes} resumed){verified}",
+        f"{result.found_cached_bytes} resumed, {result.copied_bytes} copied from mounts)"
+        f"{verified}",
         err=True,
     )
 

@@ -52,7 +52,29 @@ CLIENT_TIMEOUT: Final = 10.0
 """Seconds the CLI waits for a mount to answer one request."""
 _SUN_PATH_MAX: Final = 107  # bytes of a socket path, without the NUL
 
-Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]
+class Session:
+    """One client connection, as its handlers see it: what must be undone when it closes
+    (a pin on an object, ...) is registered with :meth:`on_close` and runs however the
+    client goes away (closes, crashes, is killed)."""
+
+    def __init__(self) -> None:
+        self._cleanups: list[Callable[[], None]] = []
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._cleanups.append(fn)
+
+    def close(self) -> None:
+        """Run the registered cleanups, newest first; a failing one is logged, the rest
+        still run."""
+        while self._cleanups:
+            fn = self._cleanups.pop()
+            try:
+                fn()
+            except Exception:
+                log.exception("control connection cleanup failed")
+
+
+Handler = Callable[[Mapping[str, Any], Session], Awaitable[dict[str, Any]]]
 Handlers = Mapping[str, Handler]
 
 
@@ -122,6 +144,7 @@ def _peer_allowed(conn: trio.socket.SocketType) -> bool:
 
 async def _connection(conn: trio.socket.SocketType, handlers: Handlers) -> None:
     """Answer the requests of one client until it closes; errors end the connection only."""
+    session = Session()
     with conn:
         try:
             if not _peer_allowed(conn):
@@ -138,12 +161,14 @@ async def _connection(conn: trio.socket.SocketType, handlers: Handlers) -> None:
                         return
                     buf += data
                 line, _, buf = buf.partition(b"\n")
-                await _send(conn, await _answer(line, handlers))
+                await _send(conn, await _answer(line, handlers, session))
         except OSError as exc:  # the client went away
             log.debug("control connection: %s", exc)
+        finally:
+            session.close()
 
 
-async def _answer(line: bytes, handlers: Handlers) -> dict[str, Any]:
+async def _answer(line: bytes, handlers: Handlers, session: Session) -> dict[str, Any]:
     try:
         req = json.loads(line)
     except ValueError:
@@ -155,7 +180,7 @@ async def _answer(line: bytes, handlers: Handlers) -> dict[str, Any]:
         return {"ok": False, "error": f"unknown command {req['cmd']!r}; this mount knows "
                                       f"{', '.join(sorted(handlers))}"}
     try:
-        result = await handler(req)
+        result = await handler(req, session)
     except ControlError as exc:
         return {"ok": False, "error": str(exc)}
     except Exception as exc:  # a bug in a handler must not take the mount down

@@ -36,6 +36,7 @@ from .ranges import ByteRange, num_blocks, range_for_index
 from .ratecontrol import BackoffPolicy, Limiter
 from .redact import redact_url
 from .scheduler import FLUSH_INTERVAL, flush_periodically
+from .sharing import copy_from_mounts
 from .source import HttpOptions, HttpSession, Reader
 
 log = logging.getLogger(__name__)
@@ -376,6 +377,7 @@ class DownloadOptions:
     force: bool = False  # overwrite an existing DEST
     max_passes: int = 5  # passes over the outstanding blocks before giving up
     pass_delay: float = 1.0  # seconds before the second pass; doubles, at most 60
+    from_mounts: bool = True  # copy what rangefs mounts cached first (sharing.py)
 
 
 @dataclass(frozen=True)
@@ -385,9 +387,10 @@ class DownloadResult:
     dest: Path
     size: int
     downloaded_bytes: int
-    found_cached_bytes: int
+    found_cached_bytes: int  # resumed from an earlier run of the same download
     verified: Digest | None
     seconds: float
+    copied_bytes: int = 0  # copied out of the cache of a rangefs mount (sharing.py)
 
 
 def partial_dir(dest: Path) -> Path:
@@ -426,6 +429,9 @@ async def download_file(
         )
         cache = LocalDownloadCache.open(part, identity, flush_interval=FLUSH_INTERVAL)
         try:
+            copied = 0
+            if options.from_mounts and not cache.complete():
+                copied = await trio.to_thread.run_sync(copy_from_mounts, url, info, cache)
             downloader = CachingDownloader(
                 cache,
                 session.reader(url, info),
@@ -467,7 +473,8 @@ async def download_file(
         dest=dest,
         size=info.size,
         downloaded_bytes=status.stats.downloaded_bytes,
-        found_cached_bytes=status.stats.found_cached_bytes,
+        found_cached_bytes=status.stats.found_cached_bytes - copied,
+        copied_bytes=copied,
         verified=digest,
         seconds=time.monotonic() - started,
     )

@@ -24,7 +24,8 @@ from typing import Any
 
 import trio
 
-from .control import ControlError, Handlers
+from .cachedir import cache_key
+from .control import ControlError, Handlers, Session
 from .errors import RangefsError
 from .objects import MountedObject, ObjectStore
 from .tree import DirNode, FileNode, Node, Tree
@@ -35,6 +36,10 @@ RATE_WINDOW = 5.0
 """Seconds over which status's current origin rate is averaged."""
 MAX_FILES = 100_000
 """Most files one status or prefetch answer lists."""
+EXPORT_OPEN_TIMEOUT = 10.0
+"""Seconds ``export`` may take to open an object's cache (it may revalidate)."""
+MAX_RUNS = 1_000_000
+"""Most runs of cached blocks one ``export`` answer lists."""
 YIELD_EVERY = 256
 """A long listing lets other tasks (reads) run after this many files."""
 
@@ -54,7 +59,8 @@ class MountControl:
 
     @property
     def handlers(self) -> Handlers:
-        return {"status": self.status, "prefetch": self.prefetch, "evict": self.evict}
+        return {"status": self.status, "prefetch": self.prefetch, "evict": self.evict,
+                "export": self.export}
 
     async def sample_rate(self) -> None:
         """Record the origin byte count every second (for status's current rate); runs
@@ -111,7 +117,7 @@ class MountControl:
 
     # -- commands -------------------------------------------------------------------------
 
-    async def status(self, req: Mapping[str, Any]) -> dict[str, Any]:
+    async def status(self, req: Mapping[str, Any], session: Session) -> dict[str, Any]:
         store = self._store
         budget = store.budget
         snap = store.stats.snapshot()
@@ -164,7 +170,7 @@ class MountControl:
         finally:
             self._worker = False
 
-    async def prefetch(self, req: Mapping[str, Any]) -> dict[str, Any]:
+    async def prefetch(self, req: Mapping[str, Any], session: Session) -> dict[str, Any]:
         store = self._store
         files = []
         for path, obj in _take(self._files(self._paths(req))):
@@ -178,7 +184,7 @@ class MountControl:
             store.tasks.start("prefetch", self._prefetch_worker)
         return {"files": files, "limit": store.budget.last_limit()}
 
-    async def evict(self, req: Mapping[str, Any]) -> dict[str, Any]:
+    async def evict(self, req: Mapping[str, Any], session: Session) -> dict[str, Any]:
         freed = 0
         kept: list[str] = []
         files = 0
@@ -189,6 +195,46 @@ class MountControl:
             if obj.cached_bytes() > 0:
                 kept.append(path)
         return {"files": files, "freed": freed, "kept": kept}
+
+
+    async def export(self, req: Mapping[str, Any], session: Session) -> dict[str, Any]:
+        """The cached blocks of the object at ``url``, for another rangefs process on this
+        machine to copy (``sharing.py``): the data file, the version's validators and the
+        runs of cached blocks. Those blocks stay pinned (never evicted) until the client's
+        connection closes. ``{"found": false}`` if this mount has none of it."""
+        url = req.get("url")
+        if not isinstance(url, str):
+            raise ControlError('"url" must be a string')
+        obj = self._store.by_key(cache_key(url))
+        if obj is None or obj.state()[1] == 0:
+            return {"found": False}
+        with trio.move_on_after(EXPORT_OPEN_TIMEOUT):
+            exported = await obj.export()
+            if exported is None:
+                return {"found": False}
+            version, release = exported
+            session.on_close(release)
+            cache = version.cache
+            info = version.info
+            return {"found": True, "data": os.fspath(cache.data_path), "size": info.size,
+                    "etag": info.etag, "last_modified": info.last_modified,
+                    "block_size": cache.block_size, "runs": _runs(cache.bitmap, cache.num_blocks)}
+        return {"found": False}
+
+
+def _runs(bitmap: Any, nblocks: int) -> list[list[int]]:
+    """[first, last] of every run of cached blocks (at most MAX_RUNS runs)."""
+    runs: list[list[int]] = []
+    start = 0
+    while start < nblocks and len(runs) < MAX_RUNS:
+        first = bitmap.first_set(start, nblocks)
+        if first is None:
+            break
+        end = bitmap.first_clear(first, nblocks)
+        last = (nblocks if end is None else end) - 1
+        runs.append([first, last])
+        start = last + 1
+    return runs
 
 
 def _take(items: Iterator[tuple[str, MountedObject]]) -> list[tuple[str, MountedObject]]:

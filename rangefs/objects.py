@@ -35,7 +35,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -456,6 +456,22 @@ class MountedObject:
             self._keep_cache = True
         self.opened += 1
         return ObjectHandle(self, version, keep_cache=keep)
+
+    async def export(self) -> tuple[_Version, Callable[[], None]] | None:
+        """Open the cache as a reader would and pin every block of the current version, for
+        another process to copy (``mountctl.export``): the version and the function that
+        releases it (no await; call it once). None if reads of this object fail."""
+        if self._failed is not None:
+            return None
+        handle = await self.open()
+        version = handle._version
+        token = version.pin(0, max(0, version.cache.num_blocks - 1))
+
+        def release() -> None:
+            version.unpin(token)
+            handle.release()
+
+        return version, release
 
     async def _ensure_version(self) -> _Version:
         if self._version is not None:
@@ -917,6 +933,10 @@ class ObjectStore:
     def open_caches(self) -> int:
         """Objects whose cache is open now (any thread may ask)."""
         return len(self._active)
+
+    def by_key(self, key: str) -> MountedObject | None:
+        """The object of cache key ``key`` in this mount's list, if any."""
+        return self._objects.get(key)
 
     def get(self, entry: Entry) -> MountedObject:
         """The object for an entry of the list."""
