@@ -776,7 +776,10 @@ def download_command(url: str, dest: Path | None, force: bool, progress: bool | 
 @rangefs.command("cat")
 @click.argument("url")
 @_transfer_options
-def cat_command(url: str, verbose: int, **kw: Any) -> None:
+@click.option("--from-mounts/--no-from-mounts", default=True, show_default=True,
+              help="Read what the rangefs mounts of this user have cached of URL (the same "
+                   "version only) from their cache instead of the network.")
+def cat_command(url: str, from_mounts: bool, verbose: int, **kw: Any) -> None:
     """Write the object at URL to standard output, in order.
 
     Concurrent range requests with a bounded reorder window (memory: about 2 x concurrency
@@ -784,7 +787,7 @@ def cat_command(url: str, verbose: int, **kw: Any) -> None:
     mismatch the bytes were already written, and the exit code is 1.
     """
     setup_logging(verbose=verbose, debug=False, log_file=None)
-    options = _job_options(url, **kw)
+    options = _job_options(url, from_mounts=from_mounts, **kw)
     _run_job(functools.partial(cat_url, url, sys.stdout.fileno(), options))
 
 

@@ -36,7 +36,7 @@ from .ranges import ByteRange, num_blocks, range_for_index
 from .ratecontrol import BackoffPolicy, Limiter
 from .redact import redact_url
 from .scheduler import FLUSH_INTERVAL, flush_periodically
-from .sharing import copy_from_mounts
+from .sharing import CopyingReader, copy_from_mounts, export_from_mounts
 from .source import HttpOptions, HttpSession, Reader
 
 log = logging.getLogger(__name__)
@@ -498,8 +498,14 @@ async def cat_url(url: str, out_fd: int, options: DownloadOptions) -> int:
         info = await retry_transient(
             lambda: session.probe(url), options.backoff, redact_url(url)
         )
+        reader: Reader = session.reader(url, info)
+        copying: CopyingReader | None = None
+        if options.from_mounts:
+            exported = await trio.to_thread.run_sync(export_from_mounts, url, info)
+            if exported is not None:
+                reader = copying = CopyingReader(reader, exported)
         downloader = StreamingDownloader(
-            session.reader(url, info),
+            reader,
             block_size=max(options.block_size, 1 << 20),
             concurrency=options.concurrency,
             limiter=Limiter(bytes_per_second=options.max_rate),
@@ -510,7 +516,13 @@ async def cat_url(url: str, out_fd: int, options: DownloadOptions) -> int:
         async def write(data: bytes) -> None:
             await trio.to_thread.run_sync(_write_all, out_fd, data)
 
-        await downloader.stream(write)
+        try:
+            await downloader.stream(write)
+        finally:
+            if copying is not None:
+                copying.close()
+                log.info("%s: %d bytes copied from a mount's cache", redact_url(url),
+                         copying.copied)
         return info.size
 
 
