@@ -923,7 +923,20 @@ def _lock_directory(directory: Path) -> int:
     except OSError as exc:
         os.close(fd)
         raise errors.InternalError(f"cannot lock {path}: {exc}") from exc
+    with contextlib.suppress(OSError):  # who holds it: other processes read through it
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def lock_holder(directory: Path) -> int | None:
+    """The PID written in ``directory``'s lock file by the process that opened it last
+    (meaningful while the lock is held), None if there is none."""
+    try:
+        with open(directory / LOCK_NAME, "rb") as f:
+            return int(f.read(32).strip() or b"0") or None
+    except (OSError, ValueError):
+        return None
 
 
 def _load_index(index_path: Path, identity: ObjectIdentity) -> IndexRecord | None:

@@ -2,12 +2,19 @@
 
 Layout (directories 0700, files 0600, created with those modes)::
 
-    ROOT/lock                 flock'ed exclusively by the one process using ROOT
+    ROOT/lock                 flock'ed shared by every process using ROOT (mounts may share
+                              a cache directory: each object's cache is owned by one
+                              process at a time, through the lock of its directory)
     ROOT/metadata.json        every object's size, validator, mtime, digest and URL without
                               credentials, by KEY: one file, read once at mount, so that a
                               remount of a long list shows it without a request or a file
-                              read per entry; rewritten whole (tmp + rename, no fsync: a
-                              lost table only costs probes) at most every META_SAVE_PERIOD
+                              read per entry; the rows a process changed are merged into it
+                              (under ROOT/metadata.lock; tmp + rename, no fsync: a lost
+                              table only costs probes) at most every META_SAVE_PERIOD
+    ROOT/control.PID.sock     the control socket of the mount with that PID (control.py)
+    ROOT/objects/KEY/lock     flock'ed by the process whose cache of the object is open; it
+                              holds that process's PID (the others read the object through
+                              it: mountctl.py ``hold``)
     ROOT/objects/KEY/data     the object's bytes (cache.py), for objects that were opened
     ROOT/objects/KEY/index    which blocks are durable (cachefiles.py)
 
@@ -101,6 +108,7 @@ class CacheDir:
         self._lock_fd = lock_fd
         self._meta: dict[str, ObjectMeta] | None = None  # the table, loaded on first use
         self._meta_dirty = False
+        self._changed: set[str] = set()  # keys whose row changed since the last snapshot
 
     @classmethod
     def open(cls, root: Path) -> CacheDir:
@@ -122,30 +130,25 @@ class CacheDir:
                 f"cache directory {root} is not writable; choose another with --cache-dir"
             )
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = b""
-            with contextlib.suppress(OSError):
-                holder = os.pread(fd, 32, 0).strip()
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):  # an older rangefs holds it
                 raise CacheLocked(
-                    f"cache directory {root} is in use by process {holder.decode() or '?'}; "
+                    f"cache directory {root} is in use by a process that does not share it; "
                     "stop it or choose another --cache-dir"
                 ) from exc
             raise UsageError(f"cannot lock cache directory {root}: {exc.strerror}") from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(root, fd)
 
     def close(self) -> None:
         """Save the metadata table if it changed (errors logged), release the lock.
         Idempotent."""
         if self._lock_fd >= 0:
-            if self._meta_dirty and self._meta is not None:
+            changes = self.meta_snapshot()
+            if changes is not None:
                 try:
-                    write_meta_table(self.root, dict(self._meta))
-                    self._meta_dirty = False
+                    merge_meta_table(self.root, changes)
                 except OSError as exc:
                     log.warning("cannot save %s: %s", self.root / META_NAME, exc)
             os.close(self._lock_fd)
@@ -168,18 +171,22 @@ class CacheDir:
         if self._meta.get(key) != meta:
             self._meta[key] = meta
             self._meta_dirty = True
+            self._changed.add(key)
 
-    def meta_changed(self) -> None:
-        """Mark the table as not saved (a save of a snapshot failed)."""
-        self._meta_dirty = self._meta is not None
+    def meta_changed(self, failed: Mapping[str, ObjectMeta]) -> None:
+        """The rows of a snapshot whose save failed: saved with the next one."""
+        if self._meta is not None:
+            self._changed.update(failed)
+            self._meta_dirty = bool(self._changed)
 
     def meta_snapshot(self) -> dict[str, ObjectMeta] | None:
-        """A copy of the table if it changed since the last snapshot, else None. The caller
-        writes it with :func:`write_meta_table` (in a worker thread if it likes)."""
+        """The rows that changed since the last snapshot, or None. The caller merges them
+        into the file with :func:`merge_meta_table` (in a worker thread if it likes)."""
         if not self._meta_dirty or self._meta is None:
             return None
         self._meta_dirty = False
-        return dict(self._meta)
+        changed, self._changed = self._changed, set()
+        return {key: self._meta[key] for key in changed if key in self._meta}
 
     def touch(self, key: str) -> None:
         """Record that the object was used now (the eviction order is least recent first)."""
@@ -216,10 +223,28 @@ class CacheDir:
                         total += entry.stat(follow_symlinks=False).st_blocks * 512
         return total
 
-    def remove(self, key: str) -> None:
-        """Delete an object's directory (its cache, index and metadata)."""
-        shutil.rmtree(self.object_dir(key), ignore_errors=True)
+    def remove(self, key: str) -> bool:
+        """Delete an object's directory (its cache and index), unless a process has it
+        open (its lock is held: False). Thread-safe."""
+        directory = self.object_dir(key)
+        try:
+            fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, 0o600)
+        except FileNotFoundError:
+            return True  # gone already
+        except OSError as exc:
+            log.warning("cannot evict %s: %s", directory, exc)
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # open in another process
+            shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            os.close(fd)
         log.info("evicted %s from the cache", key)
+        return True
 
 
 
@@ -286,6 +311,21 @@ def read_meta_table(root: Path) -> dict[str, ObjectMeta]:
         # ValueError includes a row of the wrong length
         log.warning("ignoring unreadable %s (sizes are probed again): %s", path, exc)
         return {}
+
+
+def merge_meta_table(root: Path, changes: Mapping[str, ObjectMeta]) -> None:
+    """Merge ``changes`` into the metadata table on disk: the rows of other processes
+    sharing the directory are kept. Serialized between processes by an flock of
+    ROOT/metadata.lock. Any thread; OSError."""
+    fd = os.open(root / "metadata.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        table = read_meta_table(root)
+        table.update(changes)
+        write_meta_table(root, table)
+    finally:
+        os.close(fd)
 
 
 def write_meta_table(root: Path, table: Mapping[str, ObjectMeta]) -> None:

@@ -125,7 +125,7 @@ def status_command(paths: Sequence[str], files: bool, as_json: bool, watch: bool
     shows that mount; a PATH inside a mount (a file or a directory) shows its files: size,
     share cached and state (idle, queued, reading, filling, complete, verifying,
     verified, failed and why). The mount answers on its control socket
-    (CACHE_DIR/control.sock).
+    (CACHE_DIR/control.PID.sock).
     """
     targets = _targets(paths)
     try:

@@ -1,6 +1,6 @@
 """The control channel of a mount: a Unix socket, one JSON request and answer per line.
 
-Server (in the mount, on the trio thread): :func:`serve` binds ``CACHE_DIR/control.sock``
+Server (in the mount, on the trio thread): :func:`serve` binds ``CACHE_DIR/control.PID.sock``
 (0600, in the 0700 cache directory; when that path is too long for a Unix socket, a
 private ``$TMPDIR/rangefs-UID/`` directory holds it instead), accepts only peers of the
 same uid or root (``SO_PEERCRED``) and answers each request line with one line. No
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 MAX_LINE: Final = 1 << 20
 """Longest request or answer line, in bytes."""
-SOCKET_NAME: Final = "control.sock"
 XATTR: Final = "user.rangefs.control"
 """The attribute of a mount's root that names its control socket."""
 CLIENT_TIMEOUT: Final = 10.0
@@ -59,6 +58,7 @@ class Session:
 
     def __init__(self) -> None:
         self._cleanups: list[Callable[[], None]] = []
+        self.state: dict[str, Any] = {}  # what handlers keep between requests
 
     def on_close(self, fn: Callable[[], None]) -> None:
         self._cleanups.append(fn)
@@ -83,13 +83,40 @@ class ControlError(Exception):
     user."""
 
 
-def socket_path(cache_root: Path) -> Path:
-    """Where the control socket of the mount using ``cache_root`` lives."""
-    path = cache_root / SOCKET_NAME
+def socket_path(cache_root: Path, pid: int | None = None) -> Path:
+    """Where the control socket of the mount with ``pid`` (default: this process) using
+    ``cache_root`` lives: ``CACHE_DIR/control.PID.sock`` (mounts may share a cache
+    directory), or, when that is too long for a Unix socket, a private directory of
+    ``$TMPDIR``."""
+    pid = os.getpid() if pid is None else pid
+    path = cache_root / f"control.{pid}.sock"
     if len(os.fsencode(path)) <= _SUN_PATH_MAX:
         return path
     digest = hashlib.sha256(os.fsencode(cache_root)).hexdigest()[:24]
-    return Path(tempfile.gettempdir()) / f"rangefs-{os.getuid()}" / f"{digest}.sock"
+    return Path(tempfile.gettempdir()) / f"rangefs-{os.getuid()}" / f"{digest}.{pid}.sock"
+
+
+def _remove_stale(directory: Path) -> None:
+    """Remove the control sockets of processes that are gone (killed mounts)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            name = entry.name
+            if not (name.startswith("control.") and name.endswith(".sock")):
+                continue
+            pid = name[len("control."):-len(".sock")]
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _private_dir(path: Path) -> None:
@@ -105,10 +132,11 @@ def _private_dir(path: Path) -> None:
 def bind(path: Path) -> trio.socket.SocketType:
     """The listening control socket at ``path`` (0600; a stale one of a crashed mount is
     replaced: the cache lock says no one else serves there). OSError or UsageError."""
-    if path.name != SOCKET_NAME:
+    if path.parent.name.startswith("rangefs-"):
         _private_dir(path.parent)
     with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+        path.unlink()  # a dead process of the same PID's
+    _remove_stale(path.parent)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # the socket file takes the socket inode's mode (less the umask) when bound:
@@ -329,3 +357,38 @@ class Client:
             raise ControlError(str(answer.get("error", "the mount refused the request")))
         result: dict[str, Any] = answer
         return result
+
+
+class AsyncClient:
+    """One connection to a mount's control socket, from the trio thread (a mount reading
+    an object through the process that owns its cache). Requests raise ControlError
+    when refused and OSError / trio.BrokenResourceError / EOFError when the other
+    process is gone."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buf = b""
+
+    @classmethod
+    async def connect(cls, path: Path) -> AsyncClient:
+        return cls(await trio.open_unix_socket(os.fspath(path)))
+
+    async def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        await self._stream.send_all(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        while b"\n" not in self._buf:
+            data = await self._stream.receive_some(65536)
+            if not data:
+                raise EOFError("the other process closed the control connection")
+            self._buf += data
+            if len(self._buf) > 64 * MAX_LINE:
+                raise ControlError("answer too long")
+        line, _, self._buf = self._buf.partition(b"\n")
+        answer = json.loads(line)
+        if not answer.pop("ok", False):
+            raise ControlError(str(answer.get("error", "refused")))
+        result: dict[str, Any] = answer
+        return result
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._stream.aclose()

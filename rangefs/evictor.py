@@ -123,7 +123,9 @@ class Evictor:
         if obj is not None and obj.open_cache() is not None:
             self.budget.forget_closed(key)  # opened again meanwhile: counted per extent
             return
-        await trio.to_thread.run_sync(self._cachedir.remove, key)
+        if not await trio.to_thread.run_sync(self._cachedir.remove, key):
+            self.budget.forget_closed(key)  # another process has it open: its books
+            return
         self.budget.removed(key)
         if obj is not None:
             obj.forget_closed()

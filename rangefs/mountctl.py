@@ -27,7 +27,7 @@ import trio
 from .cachedir import cache_key
 from .control import ControlError, Handlers, Session
 from .errors import RangefsError
-from .objects import MountedObject, ObjectStore
+from .objects import MountedObject, ObjectHandle, ObjectStore
 from .tree import DirNode, FileNode, Node, Tree
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class MountControl:
     @property
     def handlers(self) -> Handlers:
         return {"status": self.status, "prefetch": self.prefetch, "evict": self.evict,
-                "export": self.export}
+                "export": self.export, "hold": self.hold, "unhold": self.unhold}
 
     async def sample_rate(self) -> None:
         """Record the origin byte count every second (for status's current rate); runs
@@ -220,6 +220,53 @@ class MountControl:
                     "etag": info.etag, "last_modified": info.last_modified,
                     "block_size": cache.block_size, "runs": _runs(cache.bitmap, cache.num_blocks)}
         return {"found": False}
+
+
+    async def hold(self, req: Mapping[str, Any], session: Session) -> dict[str, Any]:
+        """For another mount sharing the cache directory that reads ``url`` through this
+        one (``guest.py``): the blocks of ``[offset, offset+size)`` cached (fetched now if
+        missing, bounded by the read timeout) and pinned until ``unhold`` or the end of the
+        connection; answers the data file, the end of the range clamped at EOF (or
+        ``eof``) and the version's validators. One hold per connection at a time."""
+        url, offset, size = req.get("url"), req.get("offset"), req.get("size")
+        if not isinstance(url, str) or not isinstance(offset, int) or not isinstance(size, int):
+            raise ControlError('hold needs "url", "offset" and "size"')
+        self._release_hold(session)
+        handles: dict[str, ObjectHandle] = session.state.setdefault("handles", {})
+        key = cache_key(url)
+        handle = handles.get(key)
+        try:
+            if handle is None:
+                obj = self._store.by_key(key) or self._store.adopt(url)
+                handle = await obj.export_handle()
+                handles[key] = handle
+                session.on_close(handle.release)
+                if len(handles) == 1:  # unpinned before the handles are released
+                    session.on_close(lambda: self._release_hold(session))
+            held = await handle.hold(offset, size)
+        except RangefsError as exc:
+            raise ControlError(f"{type(exc).__name__}: {exc}") from exc
+        version = handle.version
+        info = version.info
+        out: dict[str, Any] = {"size": info.size, "etag": info.etag,
+                               "last_modified": info.last_modified}
+        if held is None:
+            return {**out, "eof": True}
+        version, token, end, cached = held
+        session.state["held"] = (version, token)
+        return {**out, "data": os.fspath(version.cache.data_path), "end": end,
+                "cached": cached}
+
+    async def unhold(self, req: Mapping[str, Any], session: Session) -> dict[str, Any]:
+        self._release_hold(session)
+        return {}
+
+    @staticmethod
+    def _release_hold(session: Session) -> None:
+        held = session.state.pop("held", None)
+        if held is not None:
+            version, token = held
+            version.unpin(token)
 
 
 def _runs(bitmap: Any, nblocks: int) -> list[list[int]]:

@@ -37,7 +37,8 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 import trio
 import trio.lowlevel
@@ -48,6 +49,7 @@ from .cachedir import CacheDir, ObjectMeta, cache_key
 from .cachefiles import ObjectIdentity
 from .digests import Digest, hash_file, parse_digest
 from .errors import (
+    CacheLocked,
     DigestMismatch,
     PermanentError,
     RangefsError,
@@ -58,6 +60,7 @@ from .errors import (
 )
 from .evictor import Evictor
 from .fetcher import ObjectFetcher, retry_transient
+from .guest import GuestHandle, owner_of
 from .ranges import block_span
 from .ratecontrol import BackoffPolicy, Limiter
 from .readahead import ReadAhead
@@ -217,6 +220,17 @@ class _Version:
             await self.fetcher.run(task_status=task_status)
 
 
+class Handle(Protocol):
+    """What the FUSE layer uses of an open file: an :class:`ObjectHandle`, or a
+    :class:`~rangefs.guest.GuestHandle` when another process owns the object's cache."""
+
+    keep_cache: bool
+
+    async def read(self, offset: int, size: int) -> bytes: ...
+
+    def release(self) -> None: ...
+
+
 class ObjectHandle:
     """One open() of an object. Called from the trio thread only."""
 
@@ -247,20 +261,7 @@ class ObjectHandle:
         cached = True
         failed = True
         try:
-            if cache.bitmap.first_clear(first, last + 1) is not None:
-                cached = False
-                with trio.move_on_after(obj.store.config.read_timeout) as scope:
-                    await version.fetcher.fetch(first, last)
-                if scope.cancelled_caught:
-                    raise ReadTimeout(
-                        f"{obj.name} [{offset}:{end - 1}]: no data after "
-                        f"{obj.store.config.read_timeout:g} s"
-                    )
-                obj.check_generation(version)
-                if cache.complete():  # the reads themselves completed it: verify it now
-                    obj.start_verify(version)
-            else:
-                obj.store.budget.touched(obj.key, first, last)
+            cached = await self._ensure(version, offset, end, first, last)
             data = await cache.read_at_async(offset, end - offset)
             obj.check_generation(version)  # the disk read may have overlapped a version change
             failed = False
@@ -269,6 +270,53 @@ class ObjectHandle:
             obj.store.stats.read_done(end - offset, trio.current_time() - started,
                                       cached=cached, failed=failed)
         return data
+
+    @property
+    def version(self) -> _Version:
+        """The version this handle reads."""
+        return self._version
+
+    async def hold(self, offset: int, size: int) -> tuple[_Version, int, int, bool] | None:
+        """What :meth:`read` does up to reading the data, for another rangefs process that
+        reads this object through this one (``mountctl.hold``): read-ahead, the blocks of
+        ``[offset, offset+size)`` cached and pinned. Returns (version, pin token, end of
+        the range clamped at EOF, whether it was all cached already), None at or past
+        EOF; the caller unpins. Same errors."""
+        version = self._version
+        self._obj.check_generation(version)
+        end = min(offset + size, version.cache.size)
+        if size <= 0 or offset >= end:
+            return None
+        first, last = block_span(offset, end - offset, version.cache.block_size)
+        self._read_ahead(offset, end, last)
+        token = version.pin(first, last)
+        try:
+            cached = await self._ensure(version, offset, end, first, last)
+        except BaseException:
+            version.unpin(token)
+            raise
+        return version, token, end, cached
+
+    async def _ensure(self, version: _Version, offset: int, end: int, first: int,
+                      last: int) -> bool:
+        """Wait until blocks ``first..last`` (pinned by the caller) are cached, at most
+        ``read_timeout`` seconds (then ReadTimeout); True if they already were."""
+        obj = self._obj
+        cache = version.cache
+        if cache.bitmap.first_clear(first, last + 1) is None:
+            obj.store.budget.touched(obj.key, first, last)
+            return True
+        with trio.move_on_after(obj.store.config.read_timeout) as scope:
+            await version.fetcher.fetch(first, last)
+        if scope.cancelled_caught:
+            raise ReadTimeout(
+                f"{obj.name} [{offset}:{end - 1}]: no data after "
+                f"{obj.store.config.read_timeout:g} s"
+            )
+        obj.check_generation(version)
+        if cache.complete():  # the reads themselves completed it: verify it now
+            obj.start_verify(version)
+        return False
 
     def _read_ahead(self, offset: int, end: int, last: int) -> None:
         """Act on the read-ahead policy (``readahead.py``) for a read of ``[offset, end)``
@@ -307,6 +355,8 @@ class MountedObject:
         self.entry = entry
         self._name: str | None = None
         self.opened = 0
+        self.guests = 0  # of the open handles, those reading through another process
+        self._owner_pid = 0  # the process they read through (for status)
         self._meta: ObjectMeta | None = None
         self._meta_loaded = False
         self._info: RemoteInfo | None = None  # what this mount knows of the remote
@@ -445,17 +495,58 @@ class MountedObject:
 
     # -- open and versions --------------------------------------------------------------
 
-    async def open(self) -> ObjectHandle:
-        """Open for reading: probe or revalidate, open the cache, start fill per policy."""
+    async def open(self) -> Handle:
+        """Open for reading: probe or revalidate, open the cache, start fill per policy.
+        When another rangefs process has this object's cache open (a mount sharing the
+        cache directory), a :class:`~rangefs.guest.GuestHandle` that reads through it."""
         if self._failed is not None:
             raise self._failed
         async with self._open_lock:
-            version = await self._ensure_version()
+            try:
+                version = await self._ensure_version()
+            except CacheLocked:
+                guest = self._guest()
+                if guest is None:
+                    raise
+                self.opened += 1
+                self.guests += 1
+                return guest
             self.store.touch(self)
             keep = self._keep_cache
             self._keep_cache = True
         self.opened += 1
         return ObjectHandle(self, version, keep_cache=keep)
+
+    def _guest(self) -> GuestHandle | None:
+        """A handle reading through the process that owns this object's cache, or None
+        if no other process does (the lock is ours, or its holder is unknown)."""
+        owner = owner_of(self.store.cachedir.object_dir(self.key))
+        if owner is None or self._info is None:
+            return None
+        log.info("%s: its cache is open in process %d: reading through it", self.name, owner)
+        self._owner_pid = owner
+        return GuestHandle(self, self._info, owner)
+
+    async def open_again(self, guest: GuestHandle) -> Handle:
+        """For a guest whose owner went away: open the object again (here, or through
+        its next owner); the guest's own opening is given back by the guest itself."""
+        return await self.open()
+
+    def guest_released(self) -> None:
+        """A guest handle was closed."""
+        self.guests -= 1
+        self.opened -= 1
+        if self.opened == 0:
+            self.store.idle(self)
+
+    async def export_handle(self) -> ObjectHandle:
+        """An ObjectHandle of this process's own cache (for ``mountctl.hold``);
+        CacheLocked if another process owns it (no reading through a third)."""
+        handle = await self.open()
+        if isinstance(handle, ObjectHandle):
+            return handle
+        handle.release()
+        raise CacheLocked(f"{self.name}: its cache is open in another process")
 
     async def export(self) -> tuple[_Version, Callable[[], None]] | None:
         """Open the cache as a reader would and pin every block of the current version, for
@@ -463,7 +554,10 @@ class MountedObject:
         releases it (no await; call it once). None if reads of this object fail."""
         if self._failed is not None:
             return None
-        handle = await self.open()
+        try:
+            handle = await self.export_handle()
+        except CacheLocked:
+            return None
         version = handle._version
         token = version.pin(0, max(0, version.cache.num_blocks - 1))
 
@@ -620,6 +714,10 @@ class MountedObject:
         version = self._version
         if self._failed is not None:
             return size, cached, "failed", str(self._failed)
+        if version is None and self.guests > 0:
+            on_disk = self.store.budget.closed_bytes(self.key) or 0
+            return (size, min(on_disk, size if size is not None else on_disk), "reading",
+                    f"through process {self._owner_pid}, which has its cache open")
         if version is None and self._closed is None:
             # cached by an earlier mount and not opened in this one: what it holds on disk
             # (blocks and index), an estimate; its state stays idle until it is opened
@@ -937,6 +1035,16 @@ class ObjectStore:
     def by_key(self, key: str) -> MountedObject | None:
         """The object of cache key ``key`` in this mount's list, if any."""
         return self._objects.get(key)
+
+    def adopt(self, url: str) -> MountedObject:
+        """The object at ``url``, made for another process that reads it through this one
+        (it is not in this mount's list; it never appears in the tree). Probed on open."""
+        key = cache_key(url)
+        obj = self._objects.get(key)
+        if obj is None:
+            entry = Entry(url=url, path=PurePosixPath("-"), digest=None, size=None, line=0)
+            obj = self._objects[key] = MountedObject(self, key, entry)
+        return obj
 
     def get(self, entry: Entry) -> MountedObject:
         """The object for an entry of the list."""

@@ -40,7 +40,7 @@ from .errors import (
     SourceError,
     UsageError,
 )
-from .objects import MountedObject, ObjectAttrs, ObjectHandle, ObjectStore
+from .objects import Handle, MountedObject, ObjectAttrs, ObjectStore
 from .redact import redact_url
 from .tree import ROOT_INODE, DirNode, FileNode, InodeNo, Node, Tree
 
@@ -132,7 +132,7 @@ class RangeOperations(pyfuse3.Operations):
         self._io_size = max(block_size, IO_SIZE)
         self._timeout = store.config.read_timeout
         self._mount_time_ns = time.time_ns()
-        self._handles: dict[FileHandle, tuple[ObjectHandle, str]] = {}  # handle, redacted URL
+        self._handles: dict[FileHandle, tuple[Handle, str]] = {}  # handle, redacted URL
         self._next_fh = 1
         self._links: dict[InodeNo, int] = {}
         # the mount's control socket, named by the root's user.rangefs.control (set by
@@ -350,13 +350,13 @@ class RangeOperations(pyfuse3.Operations):
         self._handles[fh] = (handle, name)
         return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache)
 
-    async def _open(self, obj: MountedObject) -> ObjectHandle:
+    async def _open(self, obj: MountedObject) -> Handle:
         """``obj.open()`` (may probe), bounded by the read timeout: ReadTimeout past it."""
         with trio.move_on_after(self._timeout):
             return await obj.open()
         raise ReadTimeout(f"no answer from the server after {self._timeout:g} s")
 
-    def _handle(self, fh: int) -> tuple[ObjectHandle, str]:
+    def _handle(self, fh: int) -> tuple[Handle, str]:
         try:
             return self._handles[FileHandle(fh)]
         except KeyError:

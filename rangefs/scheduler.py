@@ -29,7 +29,7 @@ from typing import Generic, Protocol, TypeVar
 
 import trio
 
-from .cachedir import META_SAVE_PERIOD, CacheDir, write_meta_table
+from .cachedir import META_SAVE_PERIOD, CacheDir, merge_meta_table
 from .errors import RangefsError
 from .tasks import contain
 
@@ -91,11 +91,11 @@ async def save_metadata_periodically(cachedir: CacheDir) -> None:
         if table is None:
             continue
         try:
-            await trio.to_thread.run_sync(write_meta_table, cachedir.root, table)
+            await trio.to_thread.run_sync(merge_meta_table, cachedir.root, table)
         except Exception as exc:  # a full disk, or a bug: tried again, never fatal
             if not isinstance(exc, OSError):
                 contain("saving the metadata table", exc)
-            cachedir.meta_changed()  # try again next period, and at close
+            cachedir.meta_changed(table)  # try again next period, and at close
             log.warning("cannot save the metadata table (sizes will be probed again on "
                         "the next mount): %s", exc)
 

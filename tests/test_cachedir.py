@@ -19,6 +19,7 @@ from rangefs.cachedir import (
     UsageTable,
     _general_cache_key,
     cache_key,
+    merge_meta_table,
     read_meta_table,
 )
 
@@ -67,6 +68,7 @@ def test_metadata_table_round_trip_and_mode(tmp_path: Path) -> None:
     cd.save_meta("k2", _meta(2))
     snapshot = cd.meta_snapshot()
     assert snapshot == {"k1": _meta(1), "k2": _meta(2)}
+    merge_meta_table(cd.root, snapshot)  # what the periodic saver does with it
     assert cd.meta_snapshot() is None  # nothing changed since
     cd.save_meta("k2", _meta(2))  # the same again: not a change
     assert cd.meta_snapshot() is None
@@ -77,6 +79,24 @@ def test_metadata_table_round_trip_and_mode(tmp_path: Path) -> None:
     again = CacheDir.open(tmp_path / "c")
     assert [again.load_meta(k) for k in ("k1", "k2", "k3")] == [_meta(1), _meta(2), _meta(3)]
     again.close()
+
+
+def test_two_processes_share_a_root_and_keep_each_others_rows(tmp_path: Path) -> None:
+    """Mounts may share a cache directory: both open it, and each merges only the rows it
+    changed into metadata.json (a row the other wrote meanwhile is kept)."""
+    first = CacheDir.open(tmp_path / "c")
+    second = CacheDir.open(tmp_path / "c")  # a shared lock: no CacheLocked
+    try:
+        assert first.load_meta("a") is None and second.load_meta("b") is None  # both loaded
+        first.save_meta("a", _meta(1))
+        second.save_meta("b", _meta(2))
+        first.close()
+        second.close()  # its table never saw "a": "a" is kept all the same
+        table = read_meta_table(tmp_path / "c")
+        assert table == {"a": _meta(1), "b": _meta(2)}
+    finally:
+        first.close()
+        second.close()
 
 
 @pytest.mark.parametrize("content", [b"", b"{", b"[]", b'{"version": 2, "objects": {}}',

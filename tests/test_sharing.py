@@ -111,7 +111,7 @@ def test_a_killed_client_releases_its_pin(
              "c = control.Client(Path(sys.argv[1]));"
              "a = c.request('export', url=sys.argv[2]); assert a['found'], a;"
              "print('pinned', flush=True); time.sleep(120)",
-             str(cache / "control.sock"), url],
+             os.fsdecode(os.getxattr(mnt, "user.rangefs.control")), url],
             env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             assert client.stdout is not None
