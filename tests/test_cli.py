@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -318,20 +319,22 @@ def test_daemon_mode_returns_0_once_mounted(tmp_path: Path, mnt: Path) -> None:
 
 
 def test_daemon_mode_reports_the_child_error(tmp_path: Path, mnt: Path) -> None:
-    """An error after the fork (the cache directory is in use by another mount) is printed
-    by the foreground parent, which exits with the child's code; nothing stays mounted."""
+    """An error after the fork (the --metrics port is taken) is printed by the foreground
+    parent, which exits with the child's code; nothing stays mounted."""
     require_fuse()
     urls = write_list(tmp_path / "list.urls", ["http://127.0.0.1:9/a size=10"])
-    other = tmp_path / "other"
-    other.mkdir()
-    cache = tmp_path / "c"
-    with mounted(urls, other, cache_dir=cache):
-        result = run_rangefs(["mount", "--cache-dir", str(cache), str(urls), str(mnt)])
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("rangefs: "), result.stderr
-        assert not is_mounted(mnt)
-        _wait_gone(rangefs_pids(mnt))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run_rangefs(["mount", "--cache-dir", str(tmp_path / "c"), "--metrics",
+                              f"127.0.0.1:{port}", str(urls), str(mnt)])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rangefs: --metrics 127.0.0.1:"), lines
+    assert "cannot listen" in lines[0]
+    assert not is_mounted(mnt)
+    _wait_gone(rangefs_pids(mnt))
 
 
 def test_daemon_mode_unmount_with_fusermount_stops_the_daemon(tmp_path: Path, mnt: Path) -> None:

@@ -20,6 +20,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -221,8 +222,8 @@ def test_fstab_line(
 def test_errors_come_back_through_mount(
     ns: HelperNamespace, tmp_path: Path, mnt: Path, cache: Path
 ) -> None:
-    """A bad list, an unknown option, an error after the fork (another mount holds the
-    cache): rangefs' one line on mount(8)'s stderr, a failed mount, nothing mounted."""
+    """A bad list, an unknown option, an error after the fork (the --metrics port is
+    taken): rangefs' one line on mount(8)'s stderr, a failed mount, nothing mounted."""
     bad = write_list(tmp_path / "bad.urls", ["http://127.0.0.1:9/a size=1", "ftp://h/b"])
     result = ns.run("mount", "-t", "fuse.rangefs", str(bad), str(mnt), "-o", f"cache_dir={cache}")
     assert result.returncode != 0
@@ -235,20 +236,16 @@ def test_errors_come_back_through_mount(
     assert "rangefs: unknown mount option 'allow_root'" in result.stderr, result.stderr
     assert ns.mounts(mnt) == []
 
-    other = tmp_path / "other"
-    other.mkdir()
-    result = ns.run("mount", "-t", "fuse.rangefs", str(good), str(other), "-o",
-                    f"cache_dir={cache}")
-    assert result.returncode == 0, result.stderr
-    try:
+    with socket.socket() as taken:  # the --metrics port is taken: the forked child fails
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
         result = ns.run("mount", "-t", "fuse.rangefs", str(good), str(mnt), "-o",
-                        f"cache_dir={cache}")
-        assert result.returncode != 0
-        [line] = result.stderr.strip().splitlines()
-        assert line.startswith("rangefs: ") and "in use" in line, line
-        assert ns.mounts(mnt) == []
-    finally:
-        _umount(ns, other)
+                        f"cache_dir={cache},metrics=127.0.0.1:{port}")
+    assert result.returncode != 0
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("rangefs: ") and "cannot listen" in line, line
+    assert ns.mounts(mnt) == []
 
 
 # -- without mount(8): the helper's command line and -o with `rangefs mount` ------------------
