@@ -61,6 +61,7 @@ from .errors import (
 from .evictor import Evictor
 from .fetcher import ObjectFetcher, retry_transient
 from .guest import GuestHandle, owner_of
+from .mirrors import MirroredReader, agreeing_mirrors
 from .ranges import block_span
 from .ratecontrol import BackoffPolicy, Limiter
 from .readahead import ReadAhead
@@ -72,7 +73,7 @@ from .scheduler import (  # noqa: F401 - FLUSH_PERIOD re-exported
     flush_periodically,
     save_metadata_periodically,
 )
-from .source import HttpOptions, HttpSession, RemoteInfo
+from .source import HttpOptions, HttpSession, Reader, RemoteInfo
 from .stats import MountStats
 from .tasks import Tasks, contain
 from .urllist import Entry
@@ -582,6 +583,7 @@ class MountedObject:
 
     async def _start_version(self, info: RemoteInfo) -> _Version:
         config = self.store.config
+        reader = await self._reader(info)  # before the cache is opened: see open_cache
         identity = ObjectIdentity(
             url=self.name,
             size=info.size,
@@ -619,7 +621,7 @@ class MountedObject:
         self._generation += 1
         fetcher = ObjectFetcher(
             cache,
-            self.store.session.reader(self.entry.url, info),
+            reader,
             limiter=self.store.limiter,
             backoff=config.backoff,
             demand_slots=self.store.demand_slots,
@@ -637,6 +639,19 @@ class MountedObject:
         if cache.complete():
             self.start_verify(version)
         return version
+
+    async def _reader(self, info: RemoteInfo) -> Reader:
+        """The reader of version ``info``: of the entry's URL, and of its mirrors that
+        serve the same version (probed now; see ``mirrors.py``)."""
+        session = self.store.session
+        reader = session.reader(self.entry.url, info)
+        if not self.entry.mirrors:
+            return reader
+        agreeing = await agreeing_mirrors(session, self.name, info, self.entry.mirrors)
+        if agreeing:
+            log.info("%s: reading from %d mirror(s) as well", self.name, len(agreeing))
+        return MirroredReader([reader, *(session.reader(url, mirror_info)
+                                         for url, mirror_info in agreeing)])
 
     def check_generation(self, version: _Version) -> None:
         """Raise RemoteChanged if ``version`` is no longer the object's current one."""

@@ -48,13 +48,15 @@ _DIGEST_OPTION = re.compile(r"(?i)(?:sha-?256|sha-?512|sha-?1|md5)[:=]")
 _BAD_COMPONENT = re.compile(r"(?:^|/)(\.{0,2})(?:/|\Z)")  # an empty, '.' or '..' component
 _HEX_DIGEST = re.compile(r"(sha256|sha512|sha1|md5):([0-9a-fA-F]+)")  # the common spelling
 _SIZE_OPTION = re.compile(r"(?i)size=")
+_MIRROR_OPTION = re.compile(r"(?i)mirror=")
 _DECIMAL = re.compile(r"[0-9]+")
 # http(s)://[userinfo@]host[:port] followed by the path, query, fragment or the end: a
 # registered name or IPv4 host (no IPv6 literal), accepted without urlsplit for speed.
 _PLAIN_HTTP_URL = re.compile(
     r"(?i:https?)://(?:[^/?#@\[\]]*@)?[A-Za-z0-9._~%!$&'()*+,;=-]+(?::([0-9]{1,5}))?(?=[/?#]|\Z)"
 )
-_OPTIONS_HELP = "sha256:HEX, sha512:HEX, sha1:HEX, md5:HEX or size=N"
+_OPTIONS_HELP = "sha256:HEX, sha512:HEX, sha1:HEX, md5:HEX, size=N or mirror=URL"
+MAX_MIRRORS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +65,8 @@ class Entry:
 
     ``url`` is exactly as given and may hold credentials: never log it, use
     :func:`redact_url` (``repr()`` already does). ``digest`` and ``size`` are what the line
-    claims, if anything; ``line`` is the 1-based line number in the list.
+    claims, if anything; ``line`` is the 1-based line number in the list. ``mirrors`` are
+    other URLs of the same object (``mirror=URL``), credentials and all, in line order.
     """
 
     url: str = field(repr=False)
@@ -71,11 +74,13 @@ class Entry:
     digest: Digest | None
     size: int | None
     line: int
+    mirrors: tuple[str, ...] = field(default=(), repr=False)
 
     def __repr__(self) -> str:
+        mirrors = f", mirrors={[redact_url(m) for m in self.mirrors]!r}" if self.mirrors else ""
         return (
             f"Entry(url={redact_url(self.url)!r}, path={str(self.path)!r}, "
-            f"digest={self.digest!s}, size={self.size!r}, line={self.line!r})"
+            f"digest={self.digest!s}, size={self.size!r}, line={self.line!r}{mirrors})"
         )
 
 
@@ -175,7 +180,8 @@ def _check_path(path: str) -> str | None:
 
 
 def _is_option(token: str) -> bool:
-    return bool(_DIGEST_OPTION.match(token) or _SIZE_OPTION.match(token))
+    return bool(_DIGEST_OPTION.match(token) or _SIZE_OPTION.match(token)
+                or _MIRROR_OPTION.match(token))
 
 
 def parse_url_list(text: str, source: str) -> list[Entry]:
@@ -232,6 +238,7 @@ def _parse_line(tokens: list[str], source: str, number: int) -> tuple[str, Entry
 
     digest: Digest | None = None
     size: int | None = None
+    mirrors: list[str] = []
     for token in options:
         if _DIGEST_OPTION.match(token):
             if digest is not None:
@@ -257,12 +264,23 @@ def _parse_line(tokens: list[str], source: str, number: int) -> tuple[str, Entry
             size = int(value)
             if size > MAX_SIZE:
                 raise UrlListError(source, number, f"size {value} is too large")
+        elif _MIRROR_OPTION.match(token):
+            mirror = token[7:]
+            mirror_problem = url_problem(mirror)
+            if mirror_problem is not None:
+                raise UrlListError(source, number, f"mirror: {mirror_problem}")
+            if mirror == url or mirror in mirrors:
+                raise UrlListError(source, number, f"mirror {redact_url(mirror)} given twice")
+            if len(mirrors) >= MAX_MIRRORS:
+                raise UrlListError(source, number, f"more than {MAX_MIRRORS} mirrors")
+            mirrors.append(mirror)
         else:
             shown = redact_url(token) if "://" in token else token
             raise UrlListError(
                 source, number, f"unknown token {shown!r} (expected {_OPTIONS_HELP})"
             )
-    return path, Entry(url=url, path=PurePosixPath(path), digest=digest, size=size, line=number)
+    return path, Entry(url=url, path=PurePosixPath(path), digest=digest, size=size,
+                       line=number, mirrors=tuple(mirrors))
 
 
 def _register(
