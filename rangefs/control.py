@@ -338,7 +338,7 @@ class Client:
         """Send one request; the answer without ``ok``. ControlError with the mount's
         one-line reason if it refused, or if it did not answer in time."""
         try:
-            self._sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            self._sock.sendall(_encode(cmd, args))
             while b"\n" not in self._buf:
                 data = self._sock.recv(65536)
                 if not data:
@@ -352,11 +352,26 @@ class Client:
         except OSError as exc:
             raise ControlError(f"{self.path}: {exc.strerror or exc}") from exc
         line, _, self._buf = self._buf.partition(b"\n")
+        return _decode(line)
+
+
+def _encode(cmd: str, args: Mapping[str, Any]) -> bytes:
+    """One request line."""
+    return json.dumps({"cmd": cmd, **args}).encode() + b"\n"
+
+
+def _decode(line: bytes) -> dict[str, Any]:
+    """The result of one answer line; ControlError with the mount's reason if it refused."""
+    try:
         answer = json.loads(line)
-        if not answer.pop("ok", False):
-            raise ControlError(str(answer.get("error", "the mount refused the request")))
-        result: dict[str, Any] = answer
-        return result
+    except ValueError as exc:
+        raise ControlError(f"malformed answer: {exc}") from exc
+    if not isinstance(answer, dict):
+        raise ControlError("malformed answer")
+    if not answer.pop("ok", False):
+        raise ControlError(str(answer.get("error", "the mount refused the request")))
+    result: dict[str, Any] = answer
+    return result
 
 
 class AsyncClient:
@@ -374,7 +389,7 @@ class AsyncClient:
         return cls(await trio.open_unix_socket(os.fspath(path)))
 
     async def request(self, cmd: str, **args: Any) -> dict[str, Any]:
-        await self._stream.send_all(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        await self._stream.send_all(_encode(cmd, args))
         while b"\n" not in self._buf:
             data = await self._stream.receive_some(65536)
             if not data:
@@ -383,11 +398,7 @@ class AsyncClient:
             if len(self._buf) > 64 * MAX_LINE:
                 raise ControlError("answer too long")
         line, _, self._buf = self._buf.partition(b"\n")
-        answer = json.loads(line)
-        if not answer.pop("ok", False):
-            raise ControlError(str(answer.get("error", "refused")))
-        result: dict[str, Any] = answer
-        return result
+        return _decode(line)
 
     async def aclose(self) -> None:
         with contextlib.suppress(Exception):

@@ -28,6 +28,13 @@ def download(url: str, dest: Path, *args: str) -> subprocess.CompletedProcess[st
     return done
 
 
+def cat_url(url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    done = subprocess.run([*rangefs_argv(), "cat", *args, url], env=child_env(), cwd=ROOT,
+                          capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_download_copies_what_a_mount_cached(
     tmp_path: Path, mnt: Path, cache: Path, origin: FaultServer
 ) -> None:
@@ -150,9 +157,7 @@ def test_cat_reads_what_a_mount_cached(
         with open(mnt / "c.bin", "rb") as f:
             content.check("/c.bin", 0, f.read(2 * MIB))  # the first half (and read-ahead)
         origin.reset_log()
-        cat = subprocess.run([*rangefs_argv(), "cat", "-v", url], env=child_env(), cwd=ROOT,
-                             capture_output=True, timeout=120, check=False)
-        assert cat.returncode == 0, cat.stderr
+        cat = cat_url(url, "-v")
         assert len(cat.stdout) == size
         content.check("/c.bin", 0, cat.stdout)
         copied = int(cat.stderr.decode().split(" bytes copied from a mount's cache")[0]
@@ -163,8 +168,6 @@ def test_cat_reads_what_a_mount_cached(
         # all of it cached now: cat costs the origin no GET
         content.check("/c.bin", 0, (mnt / "c.bin").read_bytes())
         origin.reset_log()
-        cat = subprocess.run([*rangefs_argv(), "cat", url], env=child_env(), cwd=ROOT,
-                             capture_output=True, timeout=120, check=False)
-        assert cat.returncode == 0, cat.stderr
+        cat = cat_url(url)
         content.check("/c.bin", 0, cat.stdout)
         assert origin.gets("/c.bin") == []
