@@ -433,6 +433,13 @@ def rangefs() -> None:
               show_envvar=True, default=None,
               help="File of HTTP headers, one 'Name: value' a line ('#' comments allowed), "
                    "added to those of --header.")
+@click.option("--record", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="FILE", help="Append to FILE the ranges that reads touch first, in "
+                                   "that order (JSON lines), for --prefetch-list.")
+@click.option("--prefetch-list", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, metavar="FILE",
+              help="At mount, fetch the ranges recorded in FILE (by --record) in their "
+                   "order, a few at a time, before the reads that will want them.")
 @click.option("--metrics", default=None, metavar="ADDRESS",
               help="Serve Prometheus metrics at http://ADDRESS/metrics (PORT or HOST:PORT; "
                    "the host defaults to 127.0.0.1).  [default: off]")
@@ -467,6 +474,8 @@ def mount_command(
     no_proxy: bool,
     cacert: str | None,
     header_file: str | None,
+    record: Path | None,
+    prefetch_list: Path | None,
     metrics: str | None,
     allow_other: bool,
     foreground: bool,
@@ -521,6 +530,8 @@ def mount_command(
             debug_fuse=debug,
             foreground=foreground,
             metrics=metrics,
+            record=record.absolute() if record is not None else None,
+            prefetch_list=prefetch_list.absolute() if prefetch_list is not None else None,
         )
         if not foreground:
             daemon = service.Daemon()

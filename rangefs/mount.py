@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import os
 import resource
@@ -37,12 +38,13 @@ import pyfuse3
 import trio
 
 from . import control, service
-from .errors import InternalError, RangefsError, UsageError
+from .errors import InternalError, RangefsError, ReadTimeout, UsageError
 from .metrics import CacheGauges, MetricsServer
 from .mountctl import MountControl
-from .objects import ObjectStore, StoreConfig
+from .objects import ObjectHandle, ObjectStore, StoreConfig
 from .ops import RangeOperations
-from .tree import Tree
+from .recording import Player, Recorder, read_list
+from .tree import FileNode, Tree
 from .urllist import Entry
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class MountConfig:
     max_background: int = 64  # FUSE reads the kernel passes on at once; 0 = leave (12)
     ready_timeout: float = 30.0  # the mount must answer a stat within this
     metrics: str | None = None  # --metrics ADDRESS: serve Prometheus metrics there
+    record: Path | None = None  # --record FILE: append the ranges reads touch first
+    prefetch_list: Path | None = None  # --prefetch-list FILE: fetch those ranges at mount
 
 
 def fsname(urllist: str) -> str:
@@ -314,6 +318,48 @@ def _start_control(config: MountConfig, store: ObjectStore, tree: Tree,
     ops.control_socket = os.fspath(path)
 
 
+def _start_recording(config: MountConfig, store: ObjectStore, tree: Tree,
+                     ops: RangeOperations, stack: contextlib.ExitStack) -> None:
+    """--record (the recorder, flushed every second and at unmount) and --prefetch-list
+    (its ranges fetched from now on, in order; ``recording.py``). UsageError if a file
+    cannot be opened or read."""
+    if config.record is not None:
+        recorder = Recorder(config.record)
+        stack.callback(recorder.close)
+        ops.recorder = recorder
+        store.tasks.start("recorder", recorder.run)
+    if config.prefetch_list is not None:
+        player = Player(read_list(config.prefetch_list), config.store.concurrency)
+        store.tasks.start("recorded prefetch", player.run,
+                          functools.partial(_fetch_range, store, tree))
+
+
+async def _fetch_range(store: ObjectStore, tree: Tree, path: str, offset: int,
+                       length: int) -> bool:
+    """Bring bytes ``offset..offset+length-1`` of the file at ``path`` into the cache,
+    as a read would (bounded by the read timeout); False if there is no such file."""
+    node = tree.find(path)
+    if not isinstance(node, FileNode):
+        return False
+    obj = store.get(node.entry)
+    with trio.move_on_after(store.config.read_timeout) as scope:
+        handle = await obj.open()
+        try:
+            if isinstance(handle, ObjectHandle):
+                held = await handle.hold(offset, length)
+                if held is not None:
+                    version, token, _, _ = held
+                    version.unpin(token)
+            else:
+                await handle.read(offset, length)  # through the process that owns it
+        finally:
+            handle.release()
+    if scope.cancelled_caught:
+        raise ReadTimeout(f"{path} [{offset}:{offset + length}]: no data after "
+                          f"{store.config.read_timeout:g} s")
+    return True
+
+
 def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The one leaf exception of ``group`` (nested groups flattened), or None if several."""
     leaves: list[BaseException] = []
@@ -365,6 +411,7 @@ async def _run_mount(
                 if metrics is not None:
                     stack.callback(metrics.stop)
                 _start_control(config, store, tree, ops)
+                _start_recording(config, store, tree, ops, stack)
                 async with trio.open_nursery() as fuse:
                     try:
                         pyfuse3.init(ops, mountpoint, fuse_options(config))

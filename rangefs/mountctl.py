@@ -28,7 +28,7 @@ from .cachedir import cache_key
 from .control import ControlError, Handlers, Session
 from .errors import RangefsError
 from .objects import MountedObject, ObjectHandle, ObjectStore
-from .tree import DirNode, FileNode, Node, Tree
+from .tree import FileNode, Node, Tree
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +80,9 @@ class MountControl:
     # -- paths ----------------------------------------------------------------------------
 
     def _node(self, path: str) -> Node:
-        node: Node = self._tree.root
-        for part in path.split("/"):
-            if part in ("", "."):
-                continue
-            if not isinstance(node, DirNode):
-                raise ControlError(f"{path}: not a directory in the mount")
-            found = self._tree.lookup(node.inode, part)
-            if found is None:
-                raise ControlError(f"{path}: no such file in the mount")
-            node = found
+        node = self._tree.find(path)
+        if node is None:
+            raise ControlError(f"{path}: no such file in the mount")
         return node
 
     def _files(self, paths: list[str]) -> Iterator[tuple[str, MountedObject]]:

@@ -41,6 +41,7 @@ from .errors import (
     UsageError,
 )
 from .objects import Handle, MountedObject, ObjectAttrs, ObjectStore
+from .recording import Recorder
 from .redact import redact_url
 from .tree import ROOT_INODE, DirNode, FileNode, InodeNo, Node, Tree
 
@@ -138,6 +139,9 @@ class RangeOperations(pyfuse3.Operations):
         # the mount's control socket, named by the root's user.rangefs.control (set by
         # the mount once it listens)
         self.control_socket: str | None = None
+        # --record: what reads touch first (set by the mount before it serves requests)
+        self.recorder: Recorder | None = None
+        self._paths: dict[FileHandle, str] = {}  # for the recorder: the path of each handle
 
     # -- error translation -------------------------------------------------------------
 
@@ -348,6 +352,8 @@ class RangeOperations(pyfuse3.Operations):
         fh = FileHandle(self._next_fh)
         self._next_fh += 1
         self._handles[fh] = (handle, name)
+        if self.recorder is not None:
+            self._paths[fh] = self._tree.path(node.inode).as_posix()
         return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache)
 
     async def _open(self, obj: MountedObject) -> Handle:
@@ -365,7 +371,12 @@ class RangeOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle, name = self._handle(fh)
         with self._guard("read", name, f"[{off}:{off + size - 1}]"):
-            return await handle.read(off, size)
+            data = await handle.read(off, size)
+        if self.recorder is not None and data:
+            path = self._paths.get(FileHandle(fh))
+            if path is not None:
+                self.recorder.touch(path, off, len(data))
+        return data
 
     async def flush(self, fh: int) -> None:
         """close() of one descriptor: nothing is buffered, nothing to do."""
@@ -373,6 +384,7 @@ class RangeOperations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         found = self._handles.pop(FileHandle(fh), None)
+        self._paths.pop(FileHandle(fh), None)
         if found is None:
             return
         handle, name = found

@@ -131,6 +131,20 @@ class Tree:
             raise KeyError(inode)
         return self._nodes[inode - 1]
 
+    def find(self, path: str) -> Node | None:
+        """The node at ``path`` ('a/b', relative to the root; '' is the root), or None."""
+        node: Node = self.root
+        for part in path.split("/"):
+            if part in ("", "."):
+                continue
+            if not isinstance(node, DirNode):
+                return None
+            found = self.lookup(node.inode, part)
+            if found is None:
+                return None
+            node = found
+        return node
+
     def lookup(self, parent: InodeNo, name: str) -> Node | None:
         """The child ``name`` of directory ``parent`` (``.`` and ``..`` included), or None
         if there is none, or if ``parent`` is unknown or not a directory."""
