@@ -273,3 +273,21 @@ def test_status_watch_refreshes_until_ctrl_c(tmp_path: Path, mnt: Path, cache: P
             if watch.poll() is None:
                 watch.kill()
                 watch.wait()
+
+
+def test_status_with_no_mount_says_so(tmp_path: Path) -> None:
+    """In a private mount namespace without any rangefs mount (the machine's, if any, are
+    lazily unmounted there only): one line, exit 1."""
+    script = (
+        "set -e; "
+        "for m in $(awk '$0 ~ / - fuse.rangefs / {print $5}' /proc/self/mountinfo); do "
+        "umount -l \"$m\"; done; "
+        "exec \"$@\""
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+         *rangefs_argv(), "status"],
+        env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stderr.strip() == "rangefs: no rangefs mount is running (for this user)"
+    assert done.stdout == ""
