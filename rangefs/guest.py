@@ -31,10 +31,10 @@ import trio
 from . import errors
 from .cache import lock_holder
 from .control import AsyncClient, ControlError, socket_path
+from .source import RemoteInfo, other_version
 
 if TYPE_CHECKING:
     from .objects import Handle, MountedObject
-    from .source import RemoteInfo
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,9 @@ class GuestHandle:
         return data
 
     def _check_version(self, answer: dict[str, Any]) -> None:
-        info = self._info
-        same = answer.get("size") == info.size and (
-            answer.get("etag") == info.etag if (info.etag or answer.get("etag"))
-            else answer.get("last_modified") == info.last_modified)
-        if not same:
+        # the owner probed the same URL: a weak ETag it agrees on is as good as ours
+        if other_version(self._info, answer.get("size"), answer.get("etag"),
+                         answer.get("last_modified"), strong=False) is not None:
             raise errors.RemoteChanged(
                 f"{self._obj.name}: process {self._owner}, which holds its cache, has "
                 "another version of it; reopen the file")

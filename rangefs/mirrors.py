@@ -28,25 +28,12 @@ import trio
 from .errors import RemoteChanged, SourceError, TransientError
 from .ranges import ByteRange
 from .redact import redact_url
-from .source import HttpSession, Reader, RemoteInfo
+from .source import HttpSession, Reader, RemoteInfo, other_version
 
 log = logging.getLogger(__name__)
 
 COOL_DOWN: Final = 30.0
 """Seconds a mirror whose request failed gets no request (unless every mirror failed)."""
-
-
-def same_version(a: RemoteInfo, b: RemoteInfo) -> str | None:
-    """Why ``b`` is not the version ``a`` is (None: it is)."""
-    if a.size != b.size:
-        return f"its size is {b.size}, not {a.size}"
-    if a.etag is not None or b.etag is not None:
-        if a.etag != b.etag or a.etag is None or a.etag.startswith("W/"):
-            return f"its ETag is {b.etag}, not {a.etag} (mirrors must give the same strong one)"
-        return None
-    if a.last_modified is None or a.last_modified != b.last_modified:
-        return "no ETag, and its Last-Modified differs"
-    return None
 
 
 async def agreeing_mirrors(
@@ -62,7 +49,8 @@ async def agreeing_mirrors(
         except SourceError as exc:
             log.warning("%s: mirror %s left out: %s", name, redact_url(url), exc)
             return
-        why = same_version(info, mirror_info)
+        why = other_version(info, mirror_info.size, mirror_info.etag,
+                            mirror_info.last_modified, strong=True)
         if why is not None:
             log.warning("%s: mirror %s left out: %s", name, redact_url(url), why)
             return

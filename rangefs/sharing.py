@@ -35,7 +35,7 @@ from .cache import LocalDownloadCache
 from .control import Client, ControlError, MountInfo, find_mounts
 from .ranges import ByteRange
 from .redact import redact_url
-from .source import Reader, RemoteInfo
+from .source import Reader, RemoteInfo, other_version
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def export_from_mounts(
             answer = client.request("export", url=url)
             if not answer.get("found"):
                 continue
-            why = _other_version(answer, info)
+            why = other_version(info, answer.get("size"), answer.get("etag"),
+                                answer.get("last_modified"), strong=True)
             if why is not None:
                 log.info("%s: the copy cached by the mount at %s is not used: %s",
                          redact_url(url), mount.mountpoint, why)
@@ -175,17 +176,3 @@ class CopyingReader:
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
-
-
-def _other_version(answer: dict[str, Any], info: RemoteInfo) -> str | None:
-    """Why the mount's version is not ``info`` (None: it is the same)."""
-    if answer["size"] != info.size:
-        return f"its size is {answer['size']}, the server's {info.size}"
-    theirs, ours = answer.get("etag"), info.etag
-    if ours is not None or theirs is not None:
-        if ours is None or theirs != ours or ours.startswith("W/"):
-            return "another (or a weak) ETag"
-        return None
-    if info.last_modified is None or answer.get("last_modified") != info.last_modified:
-        return "no ETag, and no Last-Modified that agrees"
-    return None

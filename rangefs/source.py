@@ -106,6 +106,25 @@ class RemoteInfo:
     digest: Digest | None
 
 
+def other_version(
+    ours: RemoteInfo, size: object, etag: object, last_modified: object, *, strong: bool
+) -> str | None:
+    """Why what another source says of the object (a mirror's probe, another process's
+    cache) is not version ``ours``; None if it is. Equal sizes, and equal ETags when either
+    has one, else equal Last-Modified. ``strong`` (a source that is not ``ours``'s own
+    server, or bytes to be copied): the ETag must be a strong one, and without ETags a
+    Last-Modified must be given."""
+    if size != ours.size:
+        return f"its size is {size}, not {ours.size}"
+    if etag is not None or ours.etag is not None:
+        if etag != ours.etag or (strong and (ours.etag is None or ours.etag.startswith("W/"))):
+            return f"another (or a weak) ETag: {etag}, not {ours.etag}"
+        return None
+    if last_modified != ours.last_modified or (strong and last_modified is None):
+        return "no ETag, and no Last-Modified that agrees"
+    return None
+
+
 @dataclass(frozen=True)
 class HttpOptions:
     """Settings of one :class:`HttpSession`. Timeouts in seconds.
