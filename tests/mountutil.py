@@ -77,6 +77,22 @@ def run_rangefs(
     )
 
 
+def run_user(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 120, hint: str = ""
+) -> subprocess.CompletedProcess[bytes]:
+    """``rangefs ARGS`` as a user runs it (no stdin); stdout and stderr as bytes. A run past
+    ``timeout`` fails the test with its stderr so far (``hint``: what may be hanging)."""
+    try:
+        return subprocess.run(
+            [*rangefs_argv(), *args], env=child_env(env), cwd=ROOT, capture_output=True,
+            stdin=subprocess.DEVNULL, timeout=timeout, check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        why = f" ({hint})" if hint else ""
+        pytest.fail(f"rangefs {' '.join(args)} still running after {timeout:g} s{why}; "
+                    f"stderr so far:\n{(exc.stderr or b'').decode(errors='replace')[-3000:]}")
+
+
 def _mountinfo(mountpoint: Path) -> tuple[int, str] | None:
     """(mount id, fstype) of the topmost mount at exactly ``mountpoint``, or None.
     Reads /proc/self/mountinfo only, so it never blocks on a hung FUSE server."""

@@ -41,16 +41,14 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-from tests.daemons import start_daemon, stop_daemon
+from tests.daemons import Rig, free_port, on_a_free_port, start_daemon, stop_daemon
 
-PORT_ATTEMPTS = 8
 READY = "Starting main loop. Accepting connections."
 PORT_TAKEN = "Could not create listening sockets"
 
@@ -85,13 +83,6 @@ def tinyproxy_path() -> str:
     return exe
 
 
-def free_port() -> int:
-    """A port nobody listens on right now (the kernel's choice for port 0)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def refused_port() -> int:
     """A port on 127.0.0.1 where a connection is refused (nothing listens: a proxy that is
     down). Bound but never listening while we pick it, then released."""
@@ -109,7 +100,7 @@ def _hostport(target: str, method: str) -> str:
     return f"{parts.hostname}:{default}"
 
 
-class ProxyRig:
+class ProxyRig(Rig):
     """tinyproxy on 127.0.0.1 (see the module doc).
 
     ``with ProxyRig(tmp_path / "proxy") as proxy:`` -- then ``proxy.url`` (no credentials),
@@ -225,26 +216,12 @@ class ProxyRig:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def __enter__(self) -> ProxyRig:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def start(self) -> ProxyRig:
         exe = tinyproxy_path()
         self.work.mkdir(parents=True, exist_ok=True)
-        failures = []
-        for _ in range(PORT_ATTEMPTS):
-            if self._start_on(exe, free_port()):
-                return self
-            failures.append(self.logs())
-        raise ProxyRigError("tinyproxy did not start:\n" + "\n".join(failures[-2:]))
+        on_a_free_port(lambda port: self._start_on(exe, port), self.logs, ProxyRigError,
+                       "tinyproxy")
+        return self
 
     def _config(self, port: int) -> str:
         extra = []

@@ -22,6 +22,7 @@ from rangefs import control, metrics
 from rangefs.clictl import _percentile
 from rangefs.errors import UsageError
 from tests import content
+from tests.daemons import free_port
 from tests.faultserver import FaultServer
 from tests.mountutil import (
     ROOT,
@@ -32,7 +33,6 @@ from tests.mountutil import (
     start_mount,
     write_list,
 )
-from tests.tlsrig import free_port
 
 MIB = 1 << 20
 GUARD = 30.0  # hang guard of the polls below (they end as soon as what they wait for is seen)

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import base64
 import socket
-import subprocess
 import time
 import urllib.error
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.content import check
 from tests.faultserver import Fault, FaultServer
-from tests.mountutil import ROOT, child_env, mounted, rangefs_argv, write_list
+from tests.mountutil import mounted, run_user, write_list
 from tests.proxyrig import ProxyRig, refused_port
 from tests.tlsrig import TlsRig
 
@@ -65,17 +64,7 @@ def auth_proxy(tmp_path: Path) -> Iterator[ProxyRig]:
         yield rig
 
 
-def run(*args: str, env: Mapping[str, str] | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-    """``rangefs ARGS`` as a user runs it; stdout and stderr as bytes."""
-    try:
-        return subprocess.run(
-            [*rangefs_argv(), *args], env=child_env(env), cwd=ROOT, capture_output=True,
-            stdin=subprocess.DEVNULL, timeout=timeout, check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"rangefs {' '.join(args)} still running after {timeout:g} s; stderr:\n"
-                    f"{(exc.stderr or b'').decode(errors='replace')[-3000:]}")
+run = run_user
 
 
 def hostport(server: FaultServer | TlsRig) -> str:

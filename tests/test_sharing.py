@@ -16,7 +16,14 @@ import pytest
 
 from tests import content
 from tests.faultserver import FaultServer
-from tests.mountutil import ROOT, child_env, mounted, rangefs_argv, run_rangefs, write_list
+from tests.mountutil import (
+    ROOT,
+    child_env,
+    mounted,
+    run_rangefs,
+    run_user,
+    write_list,
+)
 
 MIB = 1 << 20
 GUARD = 30.0
@@ -29,8 +36,7 @@ def download(url: str, dest: Path, *args: str) -> subprocess.CompletedProcess[st
 
 
 def cat_url(url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
-    done = subprocess.run([*rangefs_argv(), "cat", *args, url], env=child_env(), cwd=ROOT,
-                          capture_output=True, timeout=120, check=False)
+    done = run_user("cat", *args, url)
     assert done.returncode == 0, done.stderr
     return done
 

@@ -23,7 +23,7 @@ import trio
 
 from tests.content import check
 from tests.faultserver import FaultServer
-from tests.mountutil import ROOT, child_env, mounted, rangefs_argv, write_list
+from tests.mountutil import mounted, run_user, write_list
 from tests.tlsrig import FAILED_HANDSHAKE, TlsRig, hashed_ca_dir
 
 SIZE = 3 * 1024 * 1024 + 4321  # several 1 MiB transfer blocks and 64 KiB cache blocks
@@ -49,16 +49,8 @@ def rig(tmp_path: Path) -> Iterator[TlsRig]:
 
 def run(*args: str, env: Mapping[str, str] | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-    """``rangefs ARGS`` as a user runs it; stdout and stderr as bytes."""
-    try:
-        return subprocess.run(
-            [*rangefs_argv(), *args], env=child_env(env), cwd=ROOT, capture_output=True,
-            stdin=subprocess.DEVNULL, timeout=timeout, check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"rangefs {' '.join(args)} still running after {timeout:g} s "
-                    f"(retrying an untrusted certificate?); stderr so far:\n"
-                    f"{(exc.stderr or b'').decode(errors='replace')[-3000:]}")
+    return run_user(*args, env=env, timeout=timeout,
+                    hint="retrying an untrusted certificate?")
 
 
 def settled_handshake_failures(rig: TlsRig) -> int:

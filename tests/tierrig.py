@@ -35,10 +35,16 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tests.daemons import NginxLogs, pid_file_ready, start_daemon, stop_daemon
-from tests.tlsrig import free_port
+from tests.daemons import (
+    NginxLogs,
+    Rig,
+    nginx_main,
+    nginx_temp_paths,
+    on_a_free_port,
+    start_nginx,
+    stop_daemon,
+)
 
-PORT_ATTEMPTS = 8
 SLICE = 1 << 20
 """The tier's slice size (``slice 1m;``)."""
 
@@ -55,13 +61,7 @@ seconds the request took (a wait for another request's fetch of the same slice,
 
 CONF = """\
 # tests/tierrig.py: a slice-caching tier in front of {upstream}
-daemon off;
-master_process on;
-worker_processes 1;
-{user}
-pid {work}/nginx.pid;
-error_log {work}/error.log notice;
-
+{main}
 events {{
     worker_connections 1024;
 }}
@@ -71,12 +71,7 @@ http {{
     log_format tier {log_format};
     access_log {work}/access.log tier;
 
-    client_body_temp_path {work}/tmp/client_body;
-    proxy_temp_path {work}/tmp/proxy;
-    fastcgi_temp_path {work}/tmp/fastcgi;
-    uwsgi_temp_path {work}/tmp/uwsgi;
-    scgi_temp_path {work}/tmp/scgi;
-
+{temp_paths}
     proxy_cache_path {work}/cache levels=1:2 keys_zone=tier:10m max_size=4g inactive=1h
                      use_temp_path=off;
 
@@ -134,7 +129,7 @@ def require_slice_module(exe: str) -> None:
         )
 
 
-class TierRig(NginxLogs):
+class TierRig(NginxLogs, Rig):
     """nginx as a slice-caching reverse proxy of ``upstream`` (see the module doc).
 
     ``with TierRig(tmp_path / "tier", origin.base_url) as tier:`` -- then
@@ -202,48 +197,26 @@ class TierRig(NginxLogs):
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def __enter__(self) -> TierRig:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def start(self) -> TierRig:
         exe = nginx_path()
         require_slice_module(exe)
         self.work.mkdir(parents=True, exist_ok=True)
         for sub in ("tmp", "cache"):
             (self.work / sub).mkdir(exist_ok=True)
-        failures = []
-        for _ in range(PORT_ATTEMPTS):
-            if self._start_on(exe, free_port()):
-                return self
-            failures.append(self.logs())
-        raise TierRigError("nginx did not start:\n" + "\n".join(failures[-2:]))
+        on_a_free_port(lambda port: self._start_on(exe, port), self.logs, TierRigError, "nginx")
+        return self
 
     def _config(self, port: int) -> str:
-        user = "user root root;" if os.geteuid() == 0 else ""  # workers write in tmp_path (0700)
         return CONF.format(
-            work=self.work, port=port, upstream=self.upstream, user=user,
-            log_format=LOG_FORMAT,
+            main=nginx_main(self.work, "notice"), temp_paths=nginx_temp_paths(self.work),
+            work=self.work, port=port, upstream=self.upstream, log_format=LOG_FORMAT,
         )
 
     def _start_on(self, exe: str, port: int) -> bool:
         """Start nginx on ``port``: True once it listens, False if the port was taken."""
         self.port = port
-        self.conf.write_text(self._config(port))
-        pidfile = self.work / "nginx.pid"
-        pidfile.unlink(missing_ok=True)
-        self._proc = start_daemon(
-            [exe, "-p", str(self.work), "-c", str(self.conf), "-e", str(self.stderr_log)],
-            self.stderr_log, ready=pid_file_ready(pidfile), logs=self.logs,
-            port_taken="Address already in use", error=TierRigError, name="nginx",
-        )
+        self._proc = start_nginx(exe, self.work, self.conf, self._config(port),
+                                 self.stderr_log, logs=self.logs, error=TierRigError)
         return self._proc is not None
 
     def stop(self) -> None:

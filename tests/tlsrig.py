@@ -36,9 +36,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tests.content import iter_content
-from tests.daemons import NginxLogs, pid_file_ready, start_daemon, stop_daemon
-
-PORT_ATTEMPTS = 8
+from tests.daemons import (
+    NginxLogs,
+    Rig,
+    nginx_main,
+    nginx_temp_paths,
+    on_a_free_port,
+    start_nginx,
+    stop_daemon,
+)
 
 DEFAULT_NAMES = ("127.0.0.1", "localhost")
 
@@ -57,13 +63,7 @@ So the count of such lines is the number of connection attempts refused."""
 
 CONF = """\
 # tests/tlsrig.py: an https origin serving {root}
-daemon off;
-master_process on;
-worker_processes 1;
-{user}
-pid {work}/nginx.pid;
-error_log {work}/error.log info;
-
+{main}
 events {{
     worker_connections 256;
 }}
@@ -74,12 +74,7 @@ http {{
                    '$body_bytes_sent $connection $ssl_protocol';
     access_log {work}/access.log rig;
 
-    client_body_temp_path {work}/tmp/client_body;
-    proxy_temp_path {work}/tmp/proxy;
-    fastcgi_temp_path {work}/tmp/fastcgi;
-    uwsgi_temp_path {work}/tmp/uwsgi;
-    scgi_temp_path {work}/tmp/scgi;
-
+{temp_paths}
     sendfile on;
     etag on;
     keepalive_timeout 60s;
@@ -199,13 +194,6 @@ def hashed_ca_dir(directory: Path, ca_cert: Path) -> Path:
     return directory
 
 
-def free_port() -> int:
-    """A port nobody listens on right now (the kernel's choice for port 0)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def write_content(path: Path, key: str, size: int) -> None:
     """Write ``content(key, 0, size)`` to ``path`` (in 1 MiB pieces)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +202,7 @@ def write_content(path: Path, key: str, size: int) -> None:
             fh.write(part)
 
 
-class TlsRig(NginxLogs):
+class TlsRig(NginxLogs, Rig):
     """nginx over TLS on 127.0.0.1 with a private CA (see the module doc).
 
     ``with TlsRig(tmp_path / "tls") as rig:`` -- then ``rig.add("/a.bin", size)``,
@@ -301,17 +289,6 @@ class TlsRig(NginxLogs):
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def __enter__(self) -> TlsRig:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def start(self) -> TlsRig:
         require_tools()
         self.work.mkdir(parents=True, exist_ok=True)
@@ -319,29 +296,20 @@ class TlsRig(NginxLogs):
             (self.work / sub).mkdir(exist_ok=True)
         make_ca(self.work)
         make_server_cert(self.work, self.ca_cert, self.ca_key, self.server_names)
-        failures = []
-        for _ in range(PORT_ATTEMPTS):
-            if self._start_on(free_port()):
-                return self
-            failures.append(self.logs())
-        raise RigError("nginx did not start:\n" + "\n".join(failures[-2:]))
+        on_a_free_port(self._start_on, self.logs, RigError, "nginx")
+        return self
 
     def _start_on(self, port: int) -> bool:
         """Start nginx on ``port``: True once it listens, False if the port was taken."""
         self.port = port
-        user = "user root root;" if os.geteuid() == 0 else ""  # workers read tmp_path (0700)
-        self.conf.write_text(CONF.format(
-            work=self.work, root=self.root, port=port, cert=self.cert, key=self.key, user=user,
-        ))
-        pidfile = self.work / "nginx.pid"
-        pidfile.unlink(missing_ok=True)
         nginx = _which("nginx")
         assert nginx is not None
-        self._proc = start_daemon(
-            [nginx, "-p", str(self.work), "-c", str(self.conf), "-e", str(self.stderr_log)],
-            self.stderr_log, ready=pid_file_ready(pidfile), logs=self.logs,
-            port_taken="Address already in use", error=RigError, name="nginx",
+        text = CONF.format(
+            main=nginx_main(self.work, "info"), temp_paths=nginx_temp_paths(self.work),
+            work=self.work, root=self.root, port=port, cert=self.cert, key=self.key,
         )
+        self._proc = start_nginx(nginx, self.work, self.conf, text, self.stderr_log,
+                                 logs=self.logs, error=RigError)
         return self._proc is not None
 
     def stop(self) -> None:

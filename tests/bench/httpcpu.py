@@ -36,26 +36,22 @@ import httpx
 import trio
 
 from rangefs.fasthttp import FastTransport
-from tests.daemons import pid_file_ready, start_daemon, stop_daemon
-from tests.tlsrig import free_port
+from tests.daemons import (
+    Rig,
+    nginx_main,
+    nginx_temp_paths,
+    on_a_free_port,
+    start_nginx,
+    stop_daemon,
+)
 
 CONF = """\
-daemon off;
-master_process on;
-worker_processes 1;
-{user}
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
+{main}
 events {{ worker_connections 64; }}
 http {{
     default_type application/octet-stream;
     access_log off;
-    client_body_temp_path {work}/tmp;
-    proxy_temp_path {work}/tmp;
-    fastcgi_temp_path {work}/tmp;
-    uwsgi_temp_path {work}/tmp;
-    scgi_temp_path {work}/tmp;
-    sendfile on;
+{temp_paths}    sendfile on;
     keepalive_requests 1000000;
     server {{
         listen 127.0.0.1:{port};
@@ -75,7 +71,7 @@ HEAD = (
 RANGE = 4 << 20
 
 
-class Nginx:
+class Nginx(Rig):
     def __init__(self, work: Path, size: int) -> None:
         self.work = work
         (work / "www").mkdir(parents=True)
@@ -92,25 +88,25 @@ class Nginx:
         path = self.work / "stderr.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def __enter__(self) -> Nginx:
+    def start(self) -> Nginx:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        for _ in range(8):
-            self.port = free_port()
-            conf = self.work / "nginx.conf"
-            user = "user root root;" if os.geteuid() == 0 else ""
-            conf.write_text(CONF.format(work=self.work, port=self.port, user=user))
-            self.proc = start_daemon(
-                [nginx, "-p", str(self.work), "-c", str(conf), "-e", str(self.work / "stderr.log")],
-                self.work / "stderr.log", ready=pid_file_ready(self.work / "nginx.pid"),
-                logs=self.logs, port_taken="Address already in use", error=RuntimeError,
-                name="nginx",
-            )
-            if self.proc is not None:
-                return self
-        raise RuntimeError("nginx found no free port")
 
-    def __exit__(self, *exc: object) -> None:
-        stop_daemon(self.proc)
+        def start_on(port: int) -> bool:
+            self.port = port
+            text = CONF.format(main=nginx_main(self.work, "warn"),
+                               temp_paths=nginx_temp_paths(self.work), work=self.work,
+                               port=port)
+            self.proc = start_nginx(nginx, self.work, self.work / "nginx.conf", text,
+                                    self.work / "stderr.log", logs=self.logs,
+                                    error=RuntimeError)
+            return self.proc is not None
+
+        on_a_free_port(start_on, self.logs, RuntimeError, "nginx")
+        return self
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        stop_daemon(proc)
 
     @property
     def url(self) -> str:
