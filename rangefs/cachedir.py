@@ -17,6 +17,8 @@ Layout (directories 0700, files 0600, created with those modes)::
                               it: mountctl.py ``hold``)
     ROOT/objects/KEY/data     the object's bytes (cache.py), for objects that were opened
     ROOT/objects/KEY/index    which blocks are durable (cachefiles.py)
+    ROOT/listings/KEY.json    what the server listed in a listed directory, and when
+                              (listings.py): names, URL segments, sizes, mtimes, no URL
 
 KEY is a hash of the URL without credentials: no user:password, and no query parameter
 that signs or expires a URL (so a re-signed URL finds its cache). Nothing in ROOT holds a
@@ -157,6 +159,24 @@ class CacheDir:
     def object_dir(self, key: str) -> Path:
         """The directory of one object (not created here)."""
         return self.root / "objects" / key
+
+    def load_listing(self, key: str) -> bytes | None:
+        """The remembered listing of the directory of ``key``, or None if there is none or
+        it cannot be read (logged). Any thread."""
+        try:
+            return (self.root / "listings" / f"{key}.json").read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cannot read the remembered listing %s: %s", key, exc.strerror)
+            return None
+
+    def save_listing(self, key: str, data: bytes) -> None:
+        """Remember ``data`` as the listing of the directory of ``key`` (tmp + rename, mode
+        0600; directory 0700). Any thread; OSError."""
+        directory = self.root / "listings"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        _replace_file(directory, f"{key}.json", data)
 
     def load_meta(self, key: str) -> ObjectMeta | None:
         """The remembered metadata of ``key``, or None. The first call reads the table."""
@@ -334,11 +354,17 @@ def write_meta_table(root: Path, table: Mapping[str, ObjectMeta]) -> None:
     rows = {k: [m.url, m.size, m.etag, m.last_modified, m.mtime, m.accept_ranges, m.digest]
             for k, m in table.items()}
     data = json.dumps({"version": 1, "objects": rows}, separators=(",", ":"))
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".metadata.")  # mkstemp: mode 0600
+    _replace_file(root, META_NAME, data.encode())
+
+
+def _replace_file(directory: Path, name: str, data: bytes) -> None:
+    """Write ``directory/name`` atomically: a temporary file (mode 0600) renamed over it,
+    no fsync (what is lost in a crash costs requests, not bytes). OSError."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")  # mkstemp: mode 0600
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, root / META_NAME)
+        os.replace(tmp, directory / name)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

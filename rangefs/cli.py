@@ -31,10 +31,11 @@ import trio
 
 from . import mountopts, service
 from .budget import DEFAULT_MIN_FREE, EXTENT_BYTES, MinFree
-from .clictl import evict_command, prefetch_command, status_command
+from .clictl import evict_command, prefetch_command, refresh_command, status_command
 from .digests import parse_digest
 from .download import DownloadOptions, DownloadStats, cat_url, download_file, partial_dir
 from .errors import CacheLocked, RangefsError, UsageError
+from .listings import DEFAULT_TTL
 from .metrics import parse_address
 from .mount import MountConfig, check_mountpoint, run_mount
 from .objects import Prefetch, StoreConfig
@@ -440,6 +441,12 @@ def rangefs() -> None:
               default=None, metavar="FILE",
               help="At mount, fetch the ranges recorded in FILE (by --record) in their "
                    "order, a few at a time, before the reads that will want them.")
+@click.option("--listing-ttl", type=SecondsType(), default=DEFAULT_TTL, show_default=True,
+              metavar="SECONDS",
+              help="How long the listing of a listed directory (a list entry whose URL ends "
+                   "with '/') is used, in this mount and remembered for the next ones, "
+                   "before the directory is listed again when next looked into. "
+                   "'rangefs refresh DIR' lists one again at once.")
 @click.option("--metrics", default=None, metavar="ADDRESS",
               help="Serve Prometheus metrics at http://ADDRESS/metrics (PORT or HOST:PORT; "
                    "the host defaults to 127.0.0.1).  [default: off]")
@@ -476,6 +483,7 @@ def mount_command(
     header_file: str | None,
     record: Path | None,
     prefetch_list: Path | None,
+    listing_ttl: float,
     metrics: str | None,
     allow_other: bool,
     foreground: bool,
@@ -485,9 +493,11 @@ def mount_command(
 ) -> None:
     """Mount every URL of URLLIST as a read-only file under MOUNTPOINT.
 
-    URLLIST has one 'URL [PATH] [sha256:HEX | size=N]' entry a line ('#' comments); '-'
-    reads it from standard input. MOUNTPOINT must be an empty directory. Unmount with
-    'fusermount3 -u MOUNTPOINT' (or SIGTERM to the rangefs process).
+    URLLIST has one 'URL [PATH] [sha256:HEX | size=N | mirror=URL]' entry a line ('#'
+    comments); '-' reads it from standard input. A URL ending with '/' is a directory
+    listed from the server (an HTML index or an S3 bucket), 'URL/ .' at the mount point.
+    MOUNTPOINT must be an empty directory. Unmount with 'fusermount3 -u MOUNTPOINT' (or
+    SIGTERM to the rangefs process).
 
     Options also go the mount(8) way, '-o name[=value],...' with _ for - (-o
     cache_size=50G,allow_other), and 'rangefs URLLIST MOUNTPOINT -o ...' is this command:
@@ -532,6 +542,7 @@ def mount_command(
             metrics=metrics,
             record=record.absolute() if record is not None else None,
             prefetch_list=prefetch_list.absolute() if prefetch_list is not None else None,
+            listing_ttl=listing_ttl,
         )
         if not foreground:
             daemon = service.Daemon()
@@ -805,6 +816,7 @@ def cat_command(url: str, from_mounts: bool, verbose: int, **kw: Any) -> None:
 rangefs.add_command(status_command)
 rangefs.add_command(prefetch_command)
 rangefs.add_command(evict_command)
+rangefs.add_command(refresh_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

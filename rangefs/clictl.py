@@ -254,3 +254,33 @@ def evict_command(paths: Sequence[str]) -> None:
         click.echo(f"{mount.mountpoint}: {_human(answer['freed'])} evicted from "
                    f"{answer['files']} files" + (f"; {len(kept)} still hold blocks in use: "
                                                  + ", ".join(kept[:10]) if kept else ""))
+
+
+@click.command("refresh")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+def refresh_command(paths: Sequence[str]) -> None:
+    """List listed directories of a mount again, now (a list entry whose URL ends with '/'
+    is listed from the server; its listing is otherwise used for --listing-ttl).
+
+    PATH is a listed directory, a file in one (its directory), or a directory above
+    listed ones (each of them). Their subdirectories are listed again when next looked
+    into. Exit 1 if one cannot be listed (it keeps its last listing).
+    """
+    failed = False
+    for mount, inner in _targets(paths):
+        try:
+            answer = _ask(mount, "refresh", paths=inner)
+        except ControlError as exc:
+            _fail(str(exc))
+        for row in answer["directories"]:
+            where = mount.mountpoint if row["path"] in ("", ".") else \
+                mount.mountpoint / row["path"]
+            if "error" in row:
+                failed = True
+                click.echo(f"{where}: not listed: {row['error']}", err=True)
+            else:
+                click.echo(f"{where}: {row['entries']} entries ({row['added']} new, "
+                           f"{row['removed']} gone, {row['changed']} changed)")
+    if failed:
+        sys.exit(EXIT_FAILURE)
+

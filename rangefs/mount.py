@@ -39,6 +39,7 @@ import trio
 
 from . import control, service
 from .errors import InternalError, RangefsError, ReadTimeout, UsageError
+from .listings import DEFAULT_TTL, Listings
 from .metrics import CacheGauges, MetricsServer
 from .mountctl import MountControl
 from .objects import ObjectHandle, ObjectStore, StoreConfig
@@ -74,6 +75,7 @@ class MountConfig:
     metrics: str | None = None  # --metrics ADDRESS: serve Prometheus metrics there
     record: Path | None = None  # --record FILE: append the ranges reads touch first
     prefetch_list: Path | None = None  # --prefetch-list FILE: fetch those ranges at mount
+    listing_ttl: float = DEFAULT_TTL  # --listing-ttl: seconds a directory listing is used
 
 
 def fsname(urllist: str) -> str:
@@ -300,7 +302,7 @@ def _start_metrics(config: MountConfig, store: ObjectStore) -> MetricsServer | N
 
 
 def _start_control(config: MountConfig, store: ObjectStore, tree: Tree,
-                   ops: RangeOperations) -> None:
+                   ops: RangeOperations, listings: Listings) -> None:
     """Listen on the control socket (``rangefs status``, ``prefetch``, ``evict``) and name
     it in the root's ``user.rangefs.control``. A socket that cannot be made costs those
     commands only: one warning, and the mount goes on."""
@@ -312,13 +314,13 @@ def _start_control(config: MountConfig, store: ObjectStore, tree: Tree,
                     "mount): %s: %s", path, getattr(exc, "strerror", None) or exc)
         return
     commands = MountControl(mountpoint=config.mountpoint, urllist=config.urllist, tree=tree,
-                            store=store)
+                            store=store, listings=listings, forgotten=ops.forgotten)
     store.tasks.start("control socket", control.serve, sock, path, commands.handlers)
     store.tasks.start("origin rate sampler", commands.sample_rate)
     ops.control_socket = os.fspath(path)
 
 
-def _start_recording(config: MountConfig, store: ObjectStore, tree: Tree,
+def _start_recording(config: MountConfig, store: ObjectStore, listings: Listings,
                      ops: RangeOperations, stack: contextlib.ExitStack) -> None:
     """--record (the recorder, flushed every second and at unmount) and --prefetch-list
     (its ranges fetched from now on, in order; ``recording.py``). UsageError if a file
@@ -331,15 +333,17 @@ def _start_recording(config: MountConfig, store: ObjectStore, tree: Tree,
     if config.prefetch_list is not None:
         player = Player(read_list(config.prefetch_list), config.store.concurrency)
         store.tasks.start("recorded prefetch", player.run,
-                          functools.partial(_fetch_range, store, tree))
+                          functools.partial(_fetch_range, store, listings))
 
 
-async def _fetch_range(store: ObjectStore, tree: Tree, path: str, offset: int,
+async def _fetch_range(store: ObjectStore, listings: Listings, path: str, offset: int,
                        length: int) -> bool:
     """Bring bytes ``offset..offset+length-1`` of the file at ``path`` into the cache,
-    as a read would (bounded by the read timeout); False if there is no such file."""
-    node = tree.find(path)
-    if not isinstance(node, FileNode):
+    as a read would (bounded by the read timeout; the listed directories on the way are
+    listed as a lookup would); False if there is no such file."""
+    with trio.move_on_after(store.config.read_timeout) as scope:
+        node = await listings.resolve(path)
+    if scope.cancelled_caught or not isinstance(node, FileNode):
         return False
     obj = store.get(node.entry)
     with trio.move_on_after(store.config.read_timeout) as scope:
@@ -397,7 +401,8 @@ async def _run_mount(
     raise_fd_limit()
     tree = Tree.from_entries(entries)
     store = ObjectStore(entries, config.store)
-    ops = RangeOperations(tree, store, block_size=config.store.block_size)
+    listings = Listings(tree, store, ttl=config.listing_ttl)
+    ops = RangeOperations(tree, store, block_size=config.store.block_size, listings=listings)
     mountpoint = os.fspath(config.mountpoint)
     initialised = False
     with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals, \
@@ -410,8 +415,8 @@ async def _run_mount(
                 metrics = _start_metrics(config, store)
                 if metrics is not None:
                     stack.callback(metrics.stop)
-                _start_control(config, store, tree, ops)
-                _start_recording(config, store, tree, ops, stack)
+                _start_control(config, store, tree, ops, listings)
+                _start_recording(config, store, listings, ops, stack)
                 async with trio.open_nursery() as fuse:
                     try:
                         pyfuse3.init(ops, mountpoint, fuse_options(config))
@@ -424,6 +429,7 @@ async def _run_mount(
                     shutdown.fuse = fuse.cancel_scope
                     fuse.start_soon(ops.invalidate_changed, store.changed,
                                     name="kernel cache invalidation")
+                    fuse.start_soon(ops.forget_queued, name="kernel name invalidation")
                     fuse.start_soon(_fuse_main, shutdown, fuse.cancel_scope)
                     dev = await _wait_live(config.mountpoint, config.ready_timeout)
                     _raise_read_ahead(dev, config.read_ahead_kb)

@@ -8,9 +8,12 @@
              answers at once with the files taken; progress is read with ``status``.
 ``evict``    ``paths``: drop their cached blocks, except blocks a read waits for or reads
              and objects being opened, filled or checked; answers with the bytes freed.
+``refresh``  ``paths``: list the listed directories named (a file: its directory; another
+             directory: the listed ones under it) again now; answers with what changed.
 
 Paths are relative to the mount's root ('' or '.' is the root). Every handler runs on the
-trio thread and returns quickly: nothing here waits for the network.
+trio thread. Only listings wait for the network: ``refresh``, and ``prefetch``/``evict``
+of paths in listed directories not listed yet (``status`` shows what is listed already).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +30,9 @@ import trio
 from .cachedir import cache_key
 from .control import ControlError, Handlers, Session
 from .errors import RangefsError
+from .listings import Listings
 from .objects import MountedObject, ObjectHandle, ObjectStore
-from .tree import FileNode, Node, Tree
+from .tree import DirNode, FileNode, Node, Tree
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,8 @@ EXPORT_OPEN_TIMEOUT = 10.0
 """Seconds ``export`` may take to open an object's cache (it may revalidate)."""
 MAX_RUNS = 1_000_000
 """Most runs of cached blocks one ``export`` answer lists."""
+REFRESH_SETTLE = 10.0
+"""Seconds ``refresh`` waits for the kernel to forget changed names before it answers."""
 YIELD_EVERY = 256
 """A long listing lets other tasks (reads) run after this many files."""
 
@@ -47,11 +53,15 @@ YIELD_EVERY = 256
 class MountControl:
     """The handlers of one mount; :meth:`sample_rate` is its one background task."""
 
-    def __init__(self, *, mountpoint: Path, urllist: str, tree: Tree, store: ObjectStore) -> None:
+    def __init__(self, *, mountpoint: Path, urllist: str, tree: Tree, store: ObjectStore,
+                 listings: Listings,
+                 forgotten: Callable[[], Awaitable[None]] | None = None) -> None:
         self._mountpoint = mountpoint
         self._urllist = urllist
         self._tree = tree
         self._store = store
+        self._listings = listings
+        self._forgotten = forgotten  # waits until the kernel forgot the names listings changed
         self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=16)
         self._queued: set[str] = set()  # keys of prefetches not yet finished
         self._queue: collections.deque[MountedObject] = collections.deque()
@@ -60,7 +70,8 @@ class MountControl:
     @property
     def handlers(self) -> Handlers:
         return {"status": self.status, "prefetch": self.prefetch, "evict": self.evict,
-                "export": self.export, "hold": self.hold, "unhold": self.unhold}
+                "export": self.export, "hold": self.hold, "unhold": self.unhold,
+                "refresh": self.refresh}
 
     async def sample_rate(self) -> None:
         """Record the origin byte count every second (for status's current rate); runs
@@ -79,27 +90,47 @@ class MountControl:
 
     # -- paths ----------------------------------------------------------------------------
 
-    def _node(self, path: str) -> Node:
-        node = self._tree.find(path)
+    async def _node(self, path: str, *, listing: bool) -> Node:
+        """The node at ``path``; with ``listing``, the listed directories on the way are
+        listed as a lookup would (ControlError if that fails)."""
+        try:
+            node = await self._listings.resolve(path) if listing else self._tree.find(path)
+        except RangefsError as exc:
+            raise ControlError(f"{path}: {exc}") from exc
         if node is None:
             raise ControlError(f"{path}: no such file in the mount")
         return node
 
-    def _files(self, paths: list[str]) -> Iterator[tuple[str, MountedObject]]:
-        """(path, object) of every file named or under a directory named, once each."""
+    async def _files(self, paths: list[str], *,
+                     listing: bool = False) -> list[tuple[str, MountedObject]]:
+        """(path, object) of every file named or under a directory named, once each (at
+        most MAX_FILES). With ``listing``, listed directories under them are listed as
+        they are reached; without, only what is listed already is seen."""
         seen: set[int] = set()
+        out: list[tuple[str, MountedObject]] = []
         for path in paths:
-            stack = [self._node(path)]
+            stack = [await self._node(path, listing=listing)]
             while stack:
                 node = stack.pop()
                 if isinstance(node, FileNode):
                     if node.inode not in seen:
                         seen.add(node.inode)
-                        yield (self._tree.path(node.inode).as_posix(),
-                               self._store.get(node.entry))
-                else:
-                    children = self._tree.children(node.inode)
-                    stack.extend(child for _, child in reversed(children))
+                        if len(out) >= MAX_FILES:
+                            raise ControlError(f"more than {MAX_FILES} files: name a "
+                                               "smaller directory")
+                        out.append((self._tree.path(node.inode).as_posix(),
+                                    self._store.get(node.entry)))
+                        if len(out) % YIELD_EVERY == 0:
+                            await trio.lowlevel.checkpoint()  # reads go on meanwhile
+                    continue
+                if listing and not self._listings.fresh(node):
+                    try:
+                        await self._listings.ensure(node)
+                    except RangefsError as exc:
+                        raise ControlError(f"{self._tree.path(node.inode)}: {exc}") from exc
+                children = self._tree.children(node.inode)
+                stack.extend(child for _, child in reversed(children))
+        return out
 
     @staticmethod
     def _paths(req: Mapping[str, Any]) -> list[str]:
@@ -133,7 +164,7 @@ class MountControl:
         }
         if req.get("files") or req.get("paths"):
             files = []
-            for i, (path, obj) in enumerate(_take(self._files(self._paths(req)))):
+            for i, (path, obj) in enumerate(await self._files(self._paths(req))):
                 if i % YIELD_EVERY == YIELD_EVERY - 1:
                     await trio.lowlevel.checkpoint()  # reads go on during a long listing
                 files.append(self._file(path, obj))
@@ -166,7 +197,7 @@ class MountControl:
     async def prefetch(self, req: Mapping[str, Any], session: Session) -> dict[str, Any]:
         store = self._store
         files = []
-        for path, obj in _take(self._files(self._paths(req))):
+        for path, obj in await self._files(self._paths(req), listing=True):
             state = obj.state()[2]
             if state not in ("complete", "verified", "failed") and obj.key not in self._queued:
                 self._queued.add(obj.key)
@@ -182,13 +213,55 @@ class MountControl:
         kept: list[str] = []
         files = 0
         evictor = self._store.evictor
-        for path, obj in _take(self._files(self._paths(req))):
+        for path, obj in await self._files(self._paths(req), listing=True):
             files += 1
             freed += await evictor.evict_object(obj.key)
             if obj.cached_bytes() > 0:
                 kept.append(path)
         return {"files": files, "freed": freed, "kept": kept}
 
+    async def refresh(self, req: Mapping[str, Any], session: Session) -> dict[str, Any]:
+        """List again, now, the listed directories that ``paths`` name (see the module
+        docstring): for each, its path, entries, and names added, removed and changed, or
+        the error that kept it from being listed."""
+        directories: list[DirNode] = []
+        for path in self._paths(req):
+            node = await self._node(path, listing=True)
+            if isinstance(node, FileNode):
+                parent = self._tree.node(node.parent)
+                assert isinstance(parent, DirNode)
+                if parent.listing is None:
+                    raise ControlError(f"{path}: no listed directory there: it is an entry "
+                                       "of the URL list")
+                node = parent
+            pending = [node]
+            while pending:  # the listed directories nearest to it, itself included
+                directory = pending.pop()
+                if directory.listing is not None:
+                    if directory not in directories:
+                        directories.append(directory)
+                    continue
+                pending.extend(child for _, child in self._tree.children(directory.inode)
+                               if isinstance(child, DirNode))
+        if not directories:
+            raise ControlError("no listed directory there: only directories whose list "
+                               "entry ends with '/' are listed from the server")
+        out = []
+        for directory in directories:
+            row: dict[str, Any] = {"path": self._tree.path(directory.inode).as_posix()}
+            try:
+                changes = await self._listings.refresh(directory)
+            except RangefsError as exc:
+                row["error"] = str(exc)
+            else:
+                row.update(entries=len(self._tree.children(directory.inode)),
+                           added=changes.added, removed=len(changes.removed),
+                           changed=len(changes.replaced))
+            out.append(row)
+        if self._forgotten is not None:
+            with trio.move_on_after(REFRESH_SETTLE):
+                await self._forgotten()
+        return {"directories": out}
 
     async def export(self, req: Mapping[str, Any], session: Session) -> dict[str, Any]:
         """The cached blocks of the object at ``url``, for another rangefs process on this
@@ -275,12 +348,3 @@ def _runs(bitmap: Any, nblocks: int) -> list[list[int]]:
         runs.append([first, last])
         start = last + 1
     return runs
-
-
-def _take(items: Iterator[tuple[str, MountedObject]]) -> list[tuple[str, MountedObject]]:
-    out: list[tuple[str, MountedObject]] = []
-    for item in items:
-        if len(out) >= MAX_FILES:
-            raise ControlError(f"more than {MAX_FILES} files: name a smaller directory")
-        out.append(item)
-    return out

@@ -409,7 +409,7 @@ class MountedObject:
         if meta is not None and (self.entry.size is None or self.entry.size == meta.size):
             return ObjectAttrs(meta.size, meta.mtime or self.store.started)
         if self.entry.size is not None:
-            return ObjectAttrs(self.entry.size, self.store.started)
+            return ObjectAttrs(self.entry.size, self.entry.mtime or self.store.started)
         return None
 
     async def attrs(self) -> ObjectAttrs:
@@ -432,7 +432,8 @@ class MountedObject:
                     self.name,
                     stats=self.store.stats,
                 )
-            if self.entry.size is not None and info.size != self.entry.size:
+            if self.entry.size is not None and info.size != self.entry.size \
+                    and not self.entry.listed:
                 raise PermanentError(
                     f"{self.name}: the server says {info.size} bytes, the URL list says "
                     f"size={self.entry.size}"
@@ -440,6 +441,16 @@ class MountedObject:
             self._validated = True
             self._remember(info)
             return info
+
+    def listing_changed(self, entry: Entry) -> None:
+        """A listing now says ``entry`` of this object (another size or time): show
+        that until the object is probed again, which its next open does. No await."""
+        self.entry = entry
+        self._validated = False
+        if self._version is None:
+            self._info = None
+        elif self._version.info.size != entry.size and entry.size is not None:
+            self._start_revalidation()
 
     def _remember(self, info: RemoteInfo) -> None:
         self._info = info
@@ -957,6 +968,8 @@ class ObjectStore:
         # second: a list of 100k URLs must not cost 100k checks per tick)
         self._active: dict[str, MountedObject] = {}
         for entry in entries:
+            if entry.listing:  # a directory: its files are added as they are listed
+                continue
             key = cache_key(entry.url)
             obj = self._objects.get(key)
             if obj is None:
@@ -1062,8 +1075,15 @@ class ObjectStore:
         return obj
 
     def get(self, entry: Entry) -> MountedObject:
-        """The object for an entry of the list."""
-        return self._by_entry[entry]
+        """The object for an entry of the list, or of a listing (made on first use)."""
+        obj = self._by_entry.get(entry)
+        if obj is None:
+            key = cache_key(entry.url)
+            obj = self._objects.get(key)
+            if obj is None:
+                obj = self._objects[key] = MountedObject(self, key, entry)
+            self._by_entry[entry] = obj
+        return obj
 
     def objects(self) -> list[MountedObject]:
         """Every object, once each."""

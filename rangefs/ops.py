@@ -8,13 +8,17 @@ logged at ERROR with its traceback (message starts with ``BUG in FUSE handler``)
 request fails with EIO, so the mount stays up but tests that check logs fail loudly.
 
 Concurrency: pyfuse3 runs each request as a trio task, so reads of one handle may overlap.
-Handlers are called from the trio thread only. The tree is immutable; the only mutable
-state here is the file-handle table, changed without an await between check and update.
+Handlers are called from the trio thread only. The tree changes only where a listing
+changes it (``listings.py``, on this thread, between two awaits); lookup and opendir of a
+listed directory first have it listed (:meth:`Listings.ensure`, bounded by the read
+timeout). The only mutable state here is the file-handle table, changed without an await
+between check and update.
 Cancellation (at unmount) passes through untouched: ``trio.Cancelled`` is not an Exception.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -40,6 +44,7 @@ from .errors import (
     SourceError,
     UsageError,
 )
+from .listings import Listings
 from .objects import Handle, MountedObject, ObjectAttrs, ObjectStore
 from .recording import Recorder
 from .redact import redact_url
@@ -51,7 +56,7 @@ FileHandle = NewType("FileHandle", int)
 """An open() of a file, handed to the kernel; maps to one ObjectHandle."""
 
 DirHandle = NewType("DirHandle", int)
-"""An opendir(); the directory's inode number (the tree never changes)."""
+"""An opendir(); the directory's inode number."""
 
 # One table, most specific class first: the first isinstance match wins.
 ERRNO_TABLE: tuple[tuple[type[RangefsError], int], ...] = (
@@ -123,9 +128,17 @@ class RangeOperations(pyfuse3.Operations):
         uid: int | None = None,
         gid: int | None = None,
         block_size: int = 1 << 20,
+        listings: Listings | None = None,
     ) -> None:
         self._tree = tree
         self._store = store
+        self._listings = listings if listings is not None else Listings(tree, store)
+        self._listings.on_change = self.forget_names  # the kernel forgets changed names
+        self._forget: collections.deque[tuple[InodeNo, str]] = collections.deque()
+        self._forget_queued = 0  # names ever queued ...
+        self._forget_done = 0  # ... and forgotten
+        self._forget_wake = trio.Event()
+        self._forget_progress = trio.Event()
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._block_size = block_size
@@ -135,7 +148,6 @@ class RangeOperations(pyfuse3.Operations):
         self._mount_time_ns = time.time_ns()
         self._handles: dict[FileHandle, tuple[Handle, str]] = {}  # handle, redacted URL
         self._next_fh = 1
-        self._links: dict[InodeNo, int] = {}
         # the mount's control socket, named by the root's user.rangefs.control (set by
         # the mount once it listens)
         self.control_socket: str | None = None
@@ -190,32 +202,29 @@ class RangeOperations(pyfuse3.Operations):
     def _describe(node: Node) -> str:
         if isinstance(node, FileNode):
             return redact_url(node.entry.url)
+        if node.listing is not None:
+            return f"directory {node.name or '/'} ({redact_url(node.listing.url)})"
         return f"directory {node.name or '/'}"
 
     # -- attributes --------------------------------------------------------------------
 
-    def _dir_links(self, inode: InodeNo) -> int:
-        """2 + the number of subdirectories (memoised: the tree never changes)."""
-        links = self._links.get(inode)
-        if links is None:
-            children = self._tree.children(inode)
-            links = self._links[inode] = 2 + sum(
-                1 for _, child in children if isinstance(child, DirNode)
-            )
-        return links
+    def _entry_timeout(self, listed: bool) -> float:
+        """How long the kernel may keep a name: names a listing gave, no longer than the
+        listing is used (then the next look reaches the mount, which lists again)."""
+        return min(ENTRY_TIMEOUT, self._listings.ttl) if listed else ENTRY_TIMEOUT
 
     def _dir_attrs(self, node: DirNode) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.inode
         attr.st_mode = DIR_MODE
-        attr.st_nlink = self._dir_links(node.inode)
+        attr.st_nlink = self._tree.links(node.inode)
         attr.st_uid = self._uid
         attr.st_gid = self._gid
         attr.st_size = 0
         attr.st_blksize = self._io_size
         attr.st_blocks = 0
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._mount_time_ns
-        attr.entry_timeout = ENTRY_TIMEOUT
+        attr.entry_timeout = self._entry_timeout(node.listing is not None)
         attr.attr_timeout = DIR_ATTR_TIMEOUT
         return attr
 
@@ -229,7 +238,7 @@ class RangeOperations(pyfuse3.Operations):
         attr.st_uid = self._uid
         attr.st_gid = self._gid
         attr.st_blksize = self._io_size
-        attr.entry_timeout = ENTRY_TIMEOUT
+        attr.entry_timeout = self._entry_timeout(node.entry.listed)
         if attrs is None:  # unknown (a probe failed during readdir): stat asks again
             attr.st_size = 0
             attr.st_blocks = 0
@@ -267,6 +276,9 @@ class RangeOperations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if not isinstance(parent, DirNode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if not self._listings.fresh(parent):
+            with self._guard("lookup", self._describe(parent)):
+                await self._listings.ensure(parent)
         node = self._tree.lookup(parent.inode, os.fsdecode(name))  # '.' and '..' too
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -289,6 +301,9 @@ class RangeOperations(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, DirNode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if not self._listings.fresh(node):
+            with self._guard("opendir", self._describe(node)):
+                await self._listings.ensure(node)
         return DirHandle(node.inode)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -297,18 +312,24 @@ class RangeOperations(pyfuse3.Operations):
         Attributes of a batch of entries are fetched concurrently (the object layer bounds
         probes); an entry whose attributes fail is still listed, with attributes that the
         kernel asks for again on the next stat (which then fails with the mapped errno).
+        In a listed directory, files whose size the listing did not give are not probed:
+        they get attributes that the kernel asks for again when something stats them (no
+        HEAD per file for an ``ls``).
         """
+        node = self._node(fh)
+        probe = not (isinstance(node, DirNode) and node.listing is not None)
         children = self._tree.children(InodeNo(fh))
         index = start_id
         while index < len(children):
             batch = children[index : index + _READDIR_BATCH]
-            attrs = await self._batch_attrs([node for _, node in batch])
+            attrs = await self._batch_attrs([node for _, node in batch], probe=probe)
             for (name, _), attr in zip(batch, attrs, strict=True):
                 if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, index + 1):
                     return
                 index += 1
 
-    async def _batch_attrs(self, nodes: list[Node]) -> list[pyfuse3.EntryAttributes]:
+    async def _batch_attrs(self, nodes: list[Node], *,
+                           probe: bool = True) -> list[pyfuse3.EntryAttributes]:
         results: list[pyfuse3.EntryAttributes | None] = [None] * len(nodes)
 
         async def one(i: int, node: FileNode, obj: MountedObject) -> None:
@@ -326,7 +347,7 @@ class RangeOperations(pyfuse3.Operations):
                         continue
                     obj = self._object(node)
                     known = obj.attrs_nowait()
-                    if known is not None:
+                    if known is not None or not probe:
                         results[i] = self._file_attrs(node, obj, known)
                     else:
                         nursery.start_soon(one, i, node, obj)
@@ -521,7 +542,36 @@ class RangeOperations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    # -- for the object layer ----------------------------------------------------------
+    # -- for the object layer and the listings -----------------------------------------
+
+    def forget_names(self, parent: InodeNo, names: list[str]) -> None:
+        """The kernel must forget ``names`` of directory ``parent`` (a listing removed or
+        changed them, or made them stale). Queued for :meth:`forget_queued`: no await, so
+        no deadlock with a lookup that waits for the listing that called this."""
+        self._forget.extend((parent, name) for name in names)
+        self._forget_queued += len(names)
+        self._forget_wake.set()
+
+    async def forgotten(self) -> None:
+        """Wait until the kernel has forgotten every name queued so far (``rangefs
+        refresh`` answers after that: the next look reaches the mount)."""
+        target = self._forget_queued
+        while self._forget_done < target:
+            await self._forget_progress.wait()
+
+    async def forget_queued(self) -> None:
+        """Tell the kernel to forget the queued names, in a worker thread (the call
+        blocks while a request on that directory is in flight), until cancelled. Started
+        by mount.py once the FUSE session runs."""
+        while True:
+            await self._forget_wake.wait()
+            self._forget_wake = trio.Event()
+            while self._forget:
+                batch = [self._forget.popleft() for _ in range(min(256, len(self._forget)))]
+                await trio.to_thread.run_sync(_invalidate_entries, batch)
+                self._forget_done += len(batch)
+                self._forget_progress.set()
+                self._forget_progress = trio.Event()
 
     async def invalidate_changed(self, changed: trio.MemoryReceiveChannel[MountedObject]) -> None:
         """Drop the kernel's attributes and page cache of every file showing an object that
@@ -537,6 +587,15 @@ class RangeOperations(pyfuse3.Operations):
                 await trio.to_thread.run_sync(_invalidate_inodes, inodes)
                 log.info("%s: the kernel dropped its pages and attributes of %d file(s)",
                          obj.name, len(inodes))
+
+
+def _invalidate_entries(entries: list[tuple[InodeNo, str]]) -> None:
+    """Worker thread: tell the kernel to forget the names ``entries`` (parent, name)."""
+    for parent, name in entries:
+        try:
+            pyfuse3.invalidate_entry(parent, os.fsencode(name))
+        except OSError as exc:  # ENOENT: the kernel does not know the name
+            log.debug("invalidate_entry(%d, %r): %s", parent, name, exc)
 
 
 def _invalidate_inodes(inodes: list[InodeNo]) -> None:

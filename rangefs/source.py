@@ -126,6 +126,18 @@ def other_version(
 
 
 @dataclass(frozen=True)
+class Document:
+    """A whole small resource (a directory listing): the URL that answered (after
+    redirects, without userinfo; it may hold a signed query: show it redacted), the status,
+    the media type (lower case, no parameters) and the body."""
+
+    url: str
+    status: int
+    content_type: str
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class HttpOptions:
     """Settings of one :class:`HttpSession`. Timeouts in seconds.
 
@@ -342,6 +354,43 @@ class HttpSession:
             accept_ranges=accept_ranges,
             digest=digest,
         )
+
+    # -- documents ------------------------------------------------------------------------
+
+    async def fetch_document(self, url: str, *, limit: int) -> Document:
+        """GET the whole of ``url``, following redirects: any answer but a redirect, 408,
+        429 or 5xx (those raise TransientError) is returned for the caller to judge, 4xx
+        included (an S3 error document says what the server is). PermanentError for a body
+        over ``limit`` bytes or a Content-Encoding; transport errors as for probes."""
+        original = _parse_url(url)
+        label = f"GET {redact_url(url)}"
+        response, final = await self._send("GET", original, original, {}, label)
+        try:
+            status, headers = response.status_code, _fields(response)
+            if status in (408, 429) or status >= 500:
+                raise self._status_error(response, label, final, original)
+            self._require_identity(headers, label, _at(final, original))
+            length = _content_length_or_none(headers)
+            if length is not None and length > limit:
+                raise PermanentError(f"{label}: {length} bytes, more than the {limit} "
+                                     f"a listing may have{_at(final, original)}", status=status)
+            parts: list[bytes] = []
+            received = 0
+            try:
+                async for chunk in response.aiter_raw():
+                    received += len(chunk)
+                    if received > limit:
+                        raise PermanentError(f"{label}: more than the {limit} bytes a "
+                                             f"listing may have{_at(final, original)}",
+                                             status=status)
+                    parts.append(chunk)
+            except httpx.TransportError as exc:
+                self.stats.error(error_kind(exc))
+                raise self._transport_error(exc, label, final, original) from exc
+            media = headers.get("content-type", "").partition(";")[0].strip().lower()
+            return Document(str(final), status, media, b"".join(parts))
+        finally:
+            await response.aclose()
 
     # -- requests -------------------------------------------------------------------------
 

@@ -12,6 +12,11 @@ is ``#`` are ignored. Tokens are separated by spaces or tabs::
   (no percent-decoding). The second token is a PATH unless it looks like an option.
 - Options: at most one digest (hex or base64, any of :mod:`rangefs.digests`' spellings) and
   at most one ``size=N`` (decimal bytes).
+- A URL whose path ends with ``/`` is a *listing*: the directory at PATH shows the tree
+  under it, listed from the server (an HTML directory index or an S3 bucket listing,
+  ``listings.py``). Its default PATH is the URL's last non-empty segment; PATH ``.`` puts the
+  tree at the mount point (then it must be the list's only entry). It takes no options, and
+  no other entry may lie inside it.
 
 Everything wrong is rejected with :class:`~rangefs.errors.UrlListError` (file, line,
 reason) before anything is mounted: other schemes, empty, ``.`` or ``..`` components,
@@ -75,12 +80,20 @@ class Entry:
     size: int | None
     line: int
     mirrors: tuple[str, ...] = field(default=(), repr=False)
+    #: a directory listed from the server (the URL ends with '/'): ``path`` is where it
+    #: appears ('.': the mount point); no digest, size or mirrors
+    listing: bool = False
+    #: the entry came from a listing: ``size`` is what the listing said (a hint, not a
+    #: claim: the server's answer wins) and ``mtime`` its modification time, if it gave one
+    listed: bool = False
+    mtime: float | None = None
 
     def __repr__(self) -> str:
         mirrors = f", mirrors={[redact_url(m) for m in self.mirrors]!r}" if self.mirrors else ""
         return (
             f"Entry(url={redact_url(self.url)!r}, path={str(self.path)!r}, "
-            f"digest={self.digest!s}, size={self.size!r}, line={self.line!r}{mirrors})"
+            f"digest={self.digest!s}, size={self.size!r}, line={self.line!r}{mirrors}"
+            f"{', listing=True' if self.listing else ''}{', listed=True' if self.listed else ''})"
         )
 
 
@@ -193,6 +206,7 @@ def parse_url_list(text: str, source: str) -> list[Entry]:
     entries: list[Entry] = []
     files: dict[str, int] = {}  # path -> line of the entry
     directories: dict[str, int] = {}  # implied directory -> first line implying it
+    listings: dict[str, int] = {}  # the PATH of each listing -> its line
     if text.startswith("\ufeff"):
         text = text[1:]
     for number, line in enumerate(text.split("\n"), start=1):
@@ -213,8 +227,16 @@ def parse_url_list(text: str, source: str) -> list[Entry]:
         # Every ASCII separator but space and tab is a control character, rejected above.
         tokens = stripped.split() if stripped.isascii() else _TOKEN_SEPARATOR.split(stripped)
         path, entry = _parse_line(tokens, source, number)
-        _register(path, number, files, directories, source)
+        if entry.listing:
+            _register_listing(path, number, files, directories, listings, source)
+        else:
+            _register(path, number, files, directories, source)
+            _outside_listings(path, number, listings, source)
         entries.append(entry)
+    root = listings.get(".")
+    if root is not None and len(entries) > 1:
+        raise UrlListError(source, root, "a listing at PATH '.' (the mount point) must be the "
+                           "list's only entry")
     return entries
 
 
@@ -225,6 +247,8 @@ def _parse_line(tokens: list[str], source: str, number: int) -> tuple[str, Entry
     if url_path is None:
         raise UrlListError(source, number, problem)
     options = tokens[1:]
+    if url_path.endswith("/"):
+        return _parse_listing(url, url_path, options, source, number)
     if options and not _is_option(options[0]):
         path = options.pop(0)
     else:
@@ -281,6 +305,64 @@ def _parse_line(tokens: list[str], source: str, number: int) -> tuple[str, Entry
             )
     return path, Entry(url=url, path=PurePosixPath(path), digest=digest, size=size,
                        line=number, mirrors=tuple(mirrors))
+
+
+def _parse_listing(url: str, url_path: str, options: list[str], source: str,
+                   number: int) -> tuple[str, Entry]:
+    """A listing line: ``URL/ [PATH]``. Its PATH defaults to the last non-empty segment."""
+    if options and not _is_option(options[0]):
+        path = options.pop(0)
+    else:
+        default, problem = _default_path(url, url_path.rstrip("/"))
+        if default is None:
+            raise UrlListError(source, number, problem.replace(
+                "has no file name at the end; give a PATH",
+                "names a whole server: give a PATH ('.' for the mount point)"))
+        path = default
+    if options:
+        raise UrlListError(source, number, "a listing (a URL ending with '/') takes no "
+                           f"options: {options[0]!r}")
+    if path != ".":
+        path_problem = _check_path(path)
+        if path_problem:
+            raise UrlListError(source, number, path_problem)
+    return path, Entry(url=url, path=PurePosixPath(path), digest=None, size=None,
+                       line=number, listing=True)
+
+
+def _register_listing(path: str, number: int, files: dict[str, int],
+                      directories: dict[str, int], listings: dict[str, int],
+                      source: str) -> None:
+    """Record the listing at ``path``: a directory nothing else in the list may be in,
+    nor be (a file, another listing, or the parent of an entry)."""
+    if path in files:
+        raise UrlListError(source, number, f"PATH {path!r} is a file on line {files[path]}")
+    if path in directories:
+        raise UrlListError(source, number, f"the listing's PATH {path!r} holds the entry of "
+                           f"line {directories[path]}: a listed directory holds only what "
+                           "the server lists")
+    for other, line in listings.items():
+        if other == "." or path == "." or path.startswith(other + "/") \
+                or other.startswith(path + "/") or other == path:
+            raise UrlListError(source, number, f"the listing at {path!r} overlaps the "
+                               f"listing of line {line} at {other!r}")
+    if path != ".":
+        _register(path, number, files, directories, source)
+        del files[path]  # a directory, not a file: keep its parents only
+        directories[path] = number
+    listings[path] = number
+
+
+def _outside_listings(path: str, number: int, listings: dict[str, int], source: str) -> None:
+    """UrlListError if the file ``path`` lies inside a listed directory."""
+    for other, line in listings.items():
+        if other == ".":
+            raise UrlListError(source, line, "a listing at PATH '.' (the mount point) must "
+                               "be the list's only entry")
+        if path.startswith(other + "/"):
+            raise UrlListError(source, number, f"PATH {path!r} is inside the listing of "
+                               f"line {line}: a listed directory holds only what the "
+                               "server lists")
 
 
 def _register(

@@ -7,7 +7,7 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from rangefs.tree import ROOT_INODE, DirNode, FileNode, InodeNo, Tree
+from rangefs.tree import ROOT_INODE, DirNode, DirSource, FileNode, InodeNo, Tree
 from rangefs.urllist import Entry, parse_url_list
 
 LIST = """\
@@ -199,3 +199,70 @@ def test_large_tree() -> None:
     f = tree.lookup(s2.inode, "f1003")
     assert isinstance(f, FileNode) and f.entry.line == 1004
     assert tree.lookup(s2.inode, "f1004") is None
+
+
+# -- listed directories ----------------------------------------------------------------
+
+
+def _listed_tree() -> Tree:
+    return Tree.from_entries([
+        Entry(url="http://h/d/", path=PurePosixPath("d"), digest=None, size=None, line=1,
+              listing=True),
+        entry("f.bin", 2),
+    ])
+
+
+def _file(name: str, size: int | None = None) -> Entry:
+    return Entry(url=f"http://h/d/{name}", path=PurePosixPath("d", name), digest=None,
+                 size=size, line=1, listed=True)
+
+
+def test_a_listing_entry_is_a_listed_directory() -> None:
+    tree = _listed_tree()
+    node = tree.find("d")
+    assert isinstance(node, DirNode) and node.listing is not None
+    assert node.listing.url == "http://h/d/" and node.listing.line == 1
+    assert tree.children(node.inode) == ()  # nothing until listed
+    assert tree.links(node.inode) == 1 and tree.links(ROOT_INODE) == 3
+    assert [f.name for f in tree.files()] == ["f.bin"]
+
+
+def test_set_listed_keeps_inodes_and_says_what_changed() -> None:
+    tree = _listed_tree()
+    d = tree.find("d")
+    assert isinstance(d, DirNode)
+    sub = DirSource("http://h/d/s/", 1)
+    changes = tree.set_listed(d.inode, [("b", _file("b", 1)), ("a", _file("a")), ("s", sub),
+                                        ("a", _file("a", 9))])  # a repeated name: first wins
+    assert changes.added == 3 and not changes.removed and not changes.replaced
+    assert [name for name, _ in tree.children(d.inode)] == ["a", "b", "s"]
+    a, b, s = (tree.find(f"d/{n}") for n in "abs")
+    assert isinstance(a, FileNode) and a.entry.size is None and a.inode > d.inode
+    assert isinstance(s, DirNode) and tree.path(s.inode) == PurePosixPath("d/s")
+    s_child = tree.set_listed(s.inode, [("x", _file("s/x"))])
+    assert s_child.added == 1
+    assert {f.name for f in tree.files()} == {"f.bin", "a", "b", "x"}
+
+    # again: b changed size, a is gone, c is new, s is now a file, t a directory
+    changes = tree.set_listed(d.inode, [("b", _file("b", 2)), ("c", _file("c")),
+                                        ("s", _file("s")), ("t", DirSource("http://h/d/t/", 1))])
+    assert changes.added == 2
+    assert [name for name, _ in changes.removed] == ["a"]
+    assert sorted(name for name, _ in changes.replaced) == ["b", "s"]
+    new_b, new_s = tree.find("d/b"), tree.find("d/s")
+    assert isinstance(new_b, FileNode) and new_b.inode == b.inode and new_b.entry.size == 2
+    assert isinstance(new_s, FileNode) and new_s.inode != s.inode
+    assert {f.name for f in tree.files()} == {"f.bin", "b", "c", "s"}  # x left with s
+    assert tree.node(a.inode) == a  # gone from the tree, still resolvable by inode
+    assert tree.lookup(d.inode, "a") is None
+    with pytest.raises(KeyError):
+        tree.set_listed(ROOT_INODE, [])  # not a listed directory
+
+
+def test_a_listing_at_the_root() -> None:
+    tree = Tree.from_entries([Entry(url="http://h/", path=PurePosixPath("."), digest=None,
+                                    size=None, line=1, listing=True)])
+    assert tree.root.listing is not None and len(tree) == 1
+    tree.set_listed(ROOT_INODE, [("x", Entry(url="http://h/x", path=PurePosixPath("x"),
+                                             digest=None, size=3, line=1, listed=True))])
+    assert tree.find("x") is not None and tree.path(tree.find("x").inode).as_posix() == "x"

@@ -152,8 +152,8 @@ def test_bad_urls(url: str, reason: str) -> None:
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("http://h/dir/", "no file name at the end; give a PATH"),
         ("http://h", "no file name at the end; give a PATH"),
+        ("http://h/a%2Fb/", "with '/'; give a PATH"),  # a listing's default name, too
         ("http://h/a/%2F", "with '/'; give a PATH"),
         ("http://h/a%2Fb", "with '/'; give a PATH"),
         ("http://h/a%00b", "control character; give a PATH"),
@@ -289,7 +289,8 @@ def test_errors_never_show_credentials() -> None:
     secret_lines = [
         "ftp://alice:pw-SECRET@h/a.bin?sig=TOKEN-SECRET",
         "http://alice:pw-SECRET@h:99999/a.bin?sig=TOKEN-SECRET",
-        "http://alice:pw-SECRET@h/dir/?sig=TOKEN-SECRET",
+        "http://alice:pw-SECRET@h/?sig=TOKEN-SECRET",  # a listing of a whole server
+        "http://alice:pw-SECRET@h/dir/?sig=TOKEN-SECRET d size=1",  # a listing's option
         "http://alice:pw-SECRET@[::1/a.bin?sig=TOKEN-SECRET",
         "http://alice:pw-SECRET@h/%2e%2e?sig=TOKEN-SECRET",
         "http://h/a http://alice:pw-SECRET@h/b?sig=TOKEN-SECRET",  # two URLs on one line
