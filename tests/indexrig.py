@@ -20,7 +20,6 @@ from __future__ import annotations
 import shutil
 import socket
 import sys
-import time
 from pathlib import Path
 
 from tests.daemons import (
@@ -154,13 +153,3 @@ class IndexServer(Rig, NginxLogs):
             "</Directory>\nIndexOptions FancyIndexing HTMLTable VersionSort\n")
         return [_exe("apache2", "/usr/sbin/apache2"), "-f", str(conf), "-DFOREGROUND"], \
             "could not bind"
-
-
-def wait_for(predicate: object, timeout: float = 10.0) -> bool:
-    """Poll ``predicate()`` until true or ``timeout`` seconds passed; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = bool(predicate())  # type: ignore[operator]
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)

@@ -324,3 +324,13 @@ def rangefs_pids(mountpoint: Path) -> list[int]:
         ):
             found.append(int(entry))
     return found
+
+
+def wait_for(condition: Callable[[], object], what: str, limit: float = 15.0) -> None:
+    """Wait until ``condition()`` is true (a hang guard, not a timing assertion); the test
+    fails after ``limit`` seconds, saying ``what`` never happened."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"never happened: {what}")
+        time.sleep(0.02)

@@ -20,7 +20,7 @@ from rangefs.indexes import parse_html_index
 from rangefs.urllist import parse_url_list
 from tests import content
 from tests.indexrig import EXACT_SIZES, KINDS, IndexServer
-from tests.mountutil import mounted, run_rangefs, write_list
+from tests.mountutil import mounted, run_rangefs, wait_for, write_list
 
 TREE = {
     "a b.bin": 123_457,
@@ -256,3 +256,43 @@ def test_a_directory_that_cannot_be_listed_fails_alone(tmp_path: Path, served: P
     lines = [ln for ln in log.splitlines() if "cannot list" in ln and "/missing/" in ln]
     assert len(lines) == 1, log  # once per directory
     assert "HTTP 404" in lines[0] and "neither an HTML directory index nor an S3" in lines[0]
+
+
+def test_the_listing_urls_query_goes_with_every_file(tmp_path: Path, served: Path,
+                                                     mnt: Path, cache: Path) -> None:
+    with IndexServer("python", served, tmp_path / "py") as server:
+        urls = write_list(tmp_path / "l.urls", [f"{server.url}sub/?token=t0k data"])
+        with mounted(urls, mnt, cache_dir=cache):
+            assert (mnt / "data" / "deeper" / "y.bin").read_bytes() == \
+                (served / "sub" / "deeper" / "y.bin").read_bytes()
+    log = (tmp_path / "py" / "stderr.log").read_text()
+    assert '"GET /sub/?token=t0k ' in log and '"GET /sub/deeper/?token=t0k ' in log
+    assert '"HEAD /sub/deeper/y.bin?token=t0k ' in log
+    assert "y.bin " not in log.replace("y.bin?token=t0k ", "")  # never without it
+
+
+def test_prefetch_and_a_recorded_list_reach_into_listed_directories(
+        tmp_path: Path, served: Path, mnt: Path, cache: Path) -> None:
+    with IndexServer("nginx", served, tmp_path / "nginx") as server:
+        urls = write_list(tmp_path / "l.urls", [f"{server.url} data"])
+        record = tmp_path / "reads.jsonl"
+        with mounted(urls, mnt, "--prefetch", "none", "--record", str(record),
+                     cache_dir=cache):
+            # nothing listed yet: prefetch lists the tree as it goes, then fills it
+            done = run_rangefs(["prefetch", "-q", str(mnt / "data" / "sub")], timeout=120)
+            assert done.returncode == 0, done.stderr
+            gets = len(server.requests(method="GET"))
+            with open(mnt / "data" / "sub" / "deeper" / "y.bin", "rb") as f:
+                assert f.read() == (served / "sub" / "deeper" / "y.bin").read_bytes()
+            assert len(server.requests(method="GET")) == gets  # all from the cache
+        # a new cache, and the recorded list: its ranges come before any read, listed
+        # directories included
+        other = tmp_path / "cache2"
+        mnt2 = tmp_path / "mnt2"
+        with mounted(urls, mnt2, "--prefetch", "none", "--prefetch-list", str(record),
+                     cache_dir=other):
+            wanted = '"/sub/deeper/y.bin"'
+            wait_for(lambda: any(wanted in ln and ln.startswith("GET")
+                                 for ln in server.requests()), "the recorded range fetched")
+            assert (mnt2 / "data" / "sub" / "deeper" / "y.bin").read_bytes() == \
+                (served / "sub" / "deeper" / "y.bin").read_bytes()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import socket
-import time
 import urllib.error
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ import pytest
 
 from tests.content import check
 from tests.faultserver import Fault, FaultServer
-from tests.mountutil import mounted, run_user, write_list
+from tests.mountutil import mounted, run_user, wait_for, write_list
 from tests.proxyrig import ProxyRig, refused_port
 from tests.tlsrig import TlsRig
 
@@ -91,15 +90,6 @@ def one_line(stderr: bytes) -> str:
     assert len(lines) == 1 and text.endswith("\n"), f"want one line on stderr, got:\n{text}"
     assert "Traceback" not in text
     return lines[0]
-
-
-def wait_for(condition: Callable[[], bool], what: str, limit: float = 15.0) -> None:
-    """Wait until ``condition()`` (a hang guard, not a timing assertion)."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"never happened: {what}")
-        time.sleep(0.02)
 
 
 # -- the rig itself ------------------------------------------------------------------------
