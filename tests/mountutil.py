@@ -334,3 +334,14 @@ def wait_for(condition: Callable[[], object], what: str, limit: float = 15.0) ->
         if time.monotonic() > deadline:
             pytest.fail(f"never happened: {what}")
         time.sleep(0.02)
+
+
+def file_sizes(top: Path) -> dict[str, int]:
+    """Every file under ``top`` (walked through whatever file system holds it): its path
+    relative to ``top`` -> st_size."""
+    found = {}
+    for directory, _, names in os.walk(top):
+        for name in names:
+            path = Path(directory, name)
+            found[path.relative_to(top).as_posix()] = path.stat().st_size
+    return found

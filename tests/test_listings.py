@@ -20,7 +20,7 @@ from rangefs.indexes import parse_html_index
 from rangefs.urllist import parse_url_list
 from tests import content
 from tests.indexrig import EXACT_SIZES, KINDS, IndexServer
-from tests.mountutil import mounted, run_rangefs, wait_for, write_list
+from tests.mountutil import file_sizes, mounted, run_rangefs, wait_for, write_list
 
 TREE = {
     "a b.bin": 123_457,
@@ -46,16 +46,6 @@ def write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
     old = time.time() - 3600
     os.utime(path, (old, old))
-
-
-def walk(top: Path) -> dict[str, int]:
-    """Every file under ``top`` (through the mount): relative path -> st_size."""
-    found = {}
-    for directory, _, names in os.walk(top):
-        for name in names:
-            path = Path(directory, name)
-            found[path.relative_to(top).as_posix()] = path.stat().st_size
-    return found
 
 
 @pytest.fixture
@@ -117,7 +107,7 @@ def test_a_listed_tree_reads_exactly(kind: str, tmp_path: Path, served: Path, mn
         urls = write_list(tmp_path / "l.urls", [f"{server.url} data"])
         with mounted(urls, mnt, "--prefetch", "none", cache_dir=cache):
             assert os.listdir(mnt) == ["data"]
-            assert walk(mnt / "data") == TREE
+            assert file_sizes(mnt / "data") == TREE
             for name in TREE:
                 assert (mnt / "data" / name).read_bytes() == (served / name).read_bytes()
             assert not (mnt / "data" / "missing").exists()
@@ -167,11 +157,11 @@ def test_a_remount_uses_the_remembered_listing_without_the_server(
     with IndexServer("nginx", served, tmp_path / "nginx") as server:
         urls = write_list(tmp_path / "l.urls", [f"{server.url} data"])
         with mounted(urls, mnt, cache_dir=cache):
-            assert walk(mnt / "data") == TREE
+            assert file_sizes(mnt / "data") == TREE
             first = (mnt / "data" / "a b.bin").read_bytes()
     # the server is gone: the listings (and the cached blocks) are remembered
     with mounted(urls, mnt, cache_dir=cache):
-        assert walk(mnt / "data") == TREE
+        assert file_sizes(mnt / "data") == TREE
         assert (mnt / "data" / "a b.bin").read_bytes() == first == \
             (served / "a b.bin").read_bytes()
     remembered = list((cache / "listings").iterdir())
@@ -251,7 +241,7 @@ def test_a_directory_that_cannot_be_listed_fails_alone(tmp_path: Path, served: P
                 with pytest.raises(OSError) as failure:
                     os.listdir(mnt / "gone")
                 assert failure.value.errno == errno.EIO
-            assert walk(mnt / "good") == TREE
+            assert file_sizes(mnt / "good") == TREE
         log = m.stderr()
     lines = [ln for ln in log.splitlines() if "cannot list" in ln and "/missing/" in ln]
     assert len(lines) == 1, log  # once per directory
