@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 # Query parameters that carry a signature, a token or an expiry, compared lower-case.
 _SIGNING_PARAMS = frozenset(
     {"signature", "sig", "expires", "token", "key-pair-id", "policy", "se", "st", "sp", "sv",
-     "sr", "skoid", "sktid", "skt", "ske", "sks", "skv", "access_token", "auth"}
+     "sr", "skoid", "sktid", "skt", "ske", "sks", "skv", "access_token", "auth",
+     "awsaccesskeyid", "googleaccessid"}
 )
 _SIGNING_PREFIXES = ("x-amz-", "x-goog-", "x-oss-")
 META_NAME = "metadata.json"

@@ -43,6 +43,7 @@ from .proxies import ProxyConfig
 from .ratecontrol import BackoffPolicy
 from .redact import redact_text, redact_url
 from .source import HttpOptions, tls_context
+from .urlcommand import DEFAULT_TIMEOUT, UrlCommand, program_problem
 from .urllist import default_name, read_url_list, url_problem
 
 log = logging.getLogger("rangefs.cli")
@@ -77,6 +78,12 @@ _FORBIDDEN_HEADERS = frozenset({
     "connection", "keep-alive", "te", "trailer", "upgrade", "expect", "if-match",
     "if-none-match", "if-modified-since", "if-unmodified-since",
 })
+
+_URL_COMMAND_HELP = (
+    "Shell command that prints a fresh URL when one expires (its X-Amz-Expires, Expires= "
+    "or se= time is near) or is refused (401, 403): run by /bin/sh -c with RANGEFS_PATH, "
+    "RANGEFS_URL and RANGEFS_REASON set; it must print one http(s) URL line and exit 0."
+)
 
 
 # -- values ------------------------------------------------------------------------------
@@ -434,6 +441,11 @@ def rangefs() -> None:
               show_envvar=True, default=None,
               help="File of HTTP headers, one 'Name: value' a line ('#' comments allowed), "
                    "added to those of --header.")
+@click.option("--url-command", default=None, metavar="CMD",
+              help=_URL_COMMAND_HELP + " An entry's url-command=PROGRAM overrides it.")
+@click.option("--url-command-timeout", type=SecondsType(), default=DEFAULT_TIMEOUT,
+              show_default=True, metavar="SECONDS",
+              help="How long --url-command (or url-command=) may run before it is killed.")
 @click.option("--record", type=click.Path(dir_okay=False, path_type=Path), default=None,
               metavar="FILE", help="Append to FILE the ranges that reads touch first, in "
                                    "that order (JSON lines), for --prefetch-list.")
@@ -481,6 +493,8 @@ def mount_command(
     no_proxy: bool,
     cacert: str | None,
     header_file: str | None,
+    url_command: str | None,
+    url_command_timeout: float,
     record: Path | None,
     prefetch_list: Path | None,
     listing_ttl: float,
@@ -512,6 +526,11 @@ def mount_command(
         if metrics is not None:
             parse_address(metrics)
         entries = read_url_list(urllist)
+        command = _url_command(url_command, url_command_timeout)
+        for program in {e.url_command for e in entries if e.url_command is not None}:
+            problem = program_problem(program)
+            if problem is not None:
+                raise UsageError(f"{urllist}: {problem}")
         target = Path(mountpoint).absolute()
         service.clear_stale_mount(target)  # only a rangefs mount whose process is gone
         check_mountpoint(target)
@@ -535,6 +554,7 @@ def mount_command(
                 cache_size=cache_size,
                 cache_min_free=cache_min_free,
                 probe_concurrency=PROBES_PER_SLOT * concurrency,
+                url_command=command,
             ),
             allow_other=allow_other,
             debug_fuse=debug,
@@ -568,6 +588,15 @@ def _ready_callback(daemon: service.Daemon | None) -> Callable[[], None]:
             service.notify("READY=1\nSTATUS=mounted")
 
     return on_ready
+
+
+def _url_command(text: str | None, timeout: float) -> UrlCommand | None:
+    """--url-command: None if not given; UsageError if blank."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise UsageError("--url-command: give a command (it prints a fresh URL)")
+    return UrlCommand(text, timeout=timeout)
 
 
 def _check_proxy(proxy: str | None, no_proxy: bool) -> str | None:
@@ -643,6 +672,10 @@ def _transfer_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "HTTPS_PROXY, ALL_PROXY, NO_PROXY]"),
         click.option("--no-proxy", is_flag=True,
                      help="Ignore the proxy variables of the environment."),
+        click.option("--url-command", default=None, metavar="CMD", help=_URL_COMMAND_HELP),
+        click.option("--url-command-timeout", type=SecondsType(), default=DEFAULT_TIMEOUT,
+                     show_default=True, metavar="SECONDS",
+                     help="How long --url-command may run before it is killed."),
         click.option("-v", "--verbose", count=True, help="More log output: -v info, -vv debug."),
     ]
     for option in reversed(options):
@@ -654,7 +687,8 @@ def _download_options(
     *, block_size: int, concurrency: int, max_rate: int | None, sha256: str | None,
     retries: int, read_timeout: float, headers: Sequence[str], header_file: str | None,
     cacert: str | None = None, proxy: str | None = None, no_proxy: bool = False,
-    force: bool = False, from_mounts: bool = True,
+    force: bool = False, from_mounts: bool = True, url_command: str | None = None,
+    url_command_timeout: float = DEFAULT_TIMEOUT,
 ) -> DownloadOptions:
     digest = None
     if sha256 is not None:
@@ -673,6 +707,7 @@ def _download_options(
         digest=digest,
         force=force,
         from_mounts=from_mounts,
+        url_command=_url_command(url_command, url_command_timeout),
     )
 
 

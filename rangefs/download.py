@@ -38,6 +38,8 @@ from .redact import redact_url
 from .scheduler import FLUSH_INTERVAL, flush_periodically
 from .sharing import CopyingReader, copy_from_mounts, export_from_mounts
 from .source import HttpOptions, HttpSession, Reader
+from .urlcommand import FreshUrl, UrlCommand
+from .urllist import default_name
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +380,7 @@ class DownloadOptions:
     max_passes: int = 5  # passes over the outstanding blocks before giving up
     pass_delay: float = 1.0  # seconds before the second pass; doubles, at most 60
     from_mounts: bool = True  # copy what rangefs mounts cached first (sharing.py)
+    url_command: UrlCommand | None = None  # prints a fresh URL for an expired one
 
 
 @dataclass(frozen=True)
@@ -421,8 +424,10 @@ async def download_file(
     if not dest.parent.is_dir():
         raise UsageError(f"{dest.parent} does not exist; create it first")
     part = partial_dir(dest)
+    fresh = _fresh(url, options, str(dest), name)
     async with HttpSession(options.http) as session:
-        info = await retry_transient(lambda: session.probe(url), options.backoff, name)
+        info = await retry_transient(lambda: session.probe(url, fresh=fresh), options.backoff,
+                                     name)
         identity = ObjectIdentity(
             url=name, size=info.size, block_size=options.block_size,
             etag=info.etag, last_modified=info.last_modified,
@@ -434,7 +439,7 @@ async def download_file(
                 copied = await trio.to_thread.run_sync(copy_from_mounts, url, info, cache)
             downloader = CachingDownloader(
                 cache,
-                session.reader(url, info),
+                session.reader(url, info, fresh),
                 concurrency=options.concurrency,
                 limiter=Limiter(bytes_per_second=options.max_rate),
                 backoff=options.backoff,
@@ -480,6 +485,13 @@ async def download_file(
     )
 
 
+def _fresh(url: str, options: DownloadOptions, path: str, name: str) -> FreshUrl | None:
+    """The job's current URL when ``options`` has a URL command (``path``: RANGEFS_PATH)."""
+    if options.url_command is None:
+        return None
+    return FreshUrl(url, options.url_command, path=path, name=name)
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -494,11 +506,13 @@ async def cat_url(url: str, out_fd: int, options: DownloadOptions) -> int:
     Raises DigestMismatch after the last byte when a known digest does not match (the
     bytes were written: the caller must report the failure with a non-zero exit).
     """
+    name = redact_url(url)
+    fresh = _fresh(url, options, default_name(url)[0] or "", name)
     async with HttpSession(options.http) as session:
         info = await retry_transient(
-            lambda: session.probe(url), options.backoff, redact_url(url)
+            lambda: session.probe(url, fresh=fresh), options.backoff, name
         )
-        reader: Reader = session.reader(url, info)
+        reader: Reader = session.reader(url, info, fresh)
         copying: CopyingReader | None = None
         if options.from_mounts:
             exported = await trio.to_thread.run_sync(export_from_mounts, url, info)

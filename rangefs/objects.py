@@ -76,6 +76,7 @@ from .scheduler import (  # noqa: F401 - FLUSH_PERIOD re-exported
 from .source import HttpOptions, HttpSession, Reader, RemoteInfo
 from .stats import MountStats
 from .tasks import Tasks, contain
+from .urlcommand import DEFAULT_TIMEOUT, FreshUrl, UrlCommand
 from .urllist import Entry
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class StoreConfig:
     probe_concurrency: int = 64
     probe_at_mount: bool = True  # learn every entry's size in the background from mount time
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+    # prints a fresh URL for an expired one (--url-command; an entry's url-command= wins)
+    url_command: UrlCommand | None = None
 
 
 @dataclass(frozen=True)
@@ -372,6 +375,21 @@ class MountedObject:
         self._failed: RangefsError | None = None  # a digest mismatch: reads fail
         # the last version's info and (bytes, blocks) cached, once its idle cache was closed
         self._closed: tuple[RemoteInfo, int, int] | None = None
+        self._fresh: FreshUrl | None = None  # the current URL, with a URL command
+
+    @property
+    def fresh(self) -> FreshUrl | None:
+        """The object's current URL when a command refreshes it (``urlcommand.py``), made
+        on first use; None without a command (requests then go to the entry's URL)."""
+        if self._fresh is None:
+            entry = self.entry
+            command = self.store.config.url_command
+            if entry.url_command is not None:
+                timeout = command.timeout if command is not None else DEFAULT_TIMEOUT
+                command = UrlCommand(entry.url_command, shell=False, timeout=timeout)
+            if command is not None:
+                self._fresh = FreshUrl(entry.url, command, path=str(entry.path), name=self.name)
+        return self._fresh
 
     @property
     def name(self) -> str:
@@ -427,7 +445,7 @@ class MountedObject:
                 return self._info
             async with self.store.probe_slots:
                 info = await retry_transient(
-                    lambda: self.store.session.probe(self.entry.url),
+                    lambda: self.store.session.probe(self.entry.url, fresh=self.fresh),
                     self.store.config.backoff,
                     self.name,
                     stats=self.store.stats,
@@ -655,7 +673,7 @@ class MountedObject:
         """The reader of version ``info``: of the entry's URL, and of its mirrors that
         serve the same version (probed now; see ``mirrors.py``)."""
         session = self.store.session
-        reader = session.reader(self.entry.url, info)
+        reader = session.reader(self.entry.url, info, self.fresh)
         if not self.entry.mirrors:
             return reader
         agreeing = await agreeing_mirrors(session, self.name, info, self.entry.mirrors)

@@ -13,6 +13,11 @@ Rules this module keeps (DESIGN.md §2, seed W1-W3, W5, W7, W16, W17):
   when a pinned target answers 403/404/410: presigned URLs expire). User headers
   (``HttpOptions.headers``) and credentials from the URL's userinfo are sent only to the
   origin (scheme, host, port) of the original URL.
+- With a :class:`~rangefs.urlcommand.FreshUrl` (``--url-command``), probes and readers
+  start from its current URL (replaced before it expires) and send a refused request
+  (:func:`~rangefs.urlcommand.is_refusal`) once more with the fresh URL its command
+  prints; the version stays the one probed. Without one, a refusal of a URL whose query
+  says it expired says so in its message.
 - A range answer is checked completely before its first byte is handed out: status,
   ``Content-Range`` (start, end, total), ``Content-Length``, validator, content and
   transfer codings (``chunked`` is the only transfer coding accepted). Bodies are bounded
@@ -66,6 +71,7 @@ from rangefs.proxies import ProxyConfig
 from rangefs.ranges import ByteRange
 from rangefs.redact import redact_url
 from rangefs.stats import MountStats, error_kind
+from rangefs.urlcommand import FreshUrl, expired_hint, is_refusal
 
 log = logging.getLogger(__name__)
 
@@ -263,15 +269,15 @@ class HttpSession:
         """Close the connection pool. Readers of this session are unusable afterwards."""
         await self._client.aclose()
 
-    def reader(self, url: str, info: RemoteInfo) -> HttpReader:
+    def reader(self, url: str, info: RemoteInfo, fresh: FreshUrl | None = None) -> HttpReader:
         """A reader of version ``info`` of the object at ``url`` (the original URL, as the
-        user gave it; ``info.url`` is where ranged GETs go first). PermanentError for a URL
-        that is not http(s)."""
-        return HttpReader(self, url, info)
+        user gave it; ``info.url`` is where ranged GETs go first; ``fresh``: its current URL,
+        see :class:`HttpReader`). PermanentError for a URL that is not http(s)."""
+        return HttpReader(self, url, info, fresh)
 
     # -- probing --------------------------------------------------------------------------
 
-    async def probe(self, url: str) -> RemoteInfo:
+    async def probe(self, url: str, *, fresh: FreshUrl | None = None) -> RemoteInfo:
         """Size, validators, digest and range support of the object at ``url``.
 
         ``HEAD`` first; if the server refuses it (403/405/501), gives no usable
@@ -279,10 +285,36 @@ class HttpSession:
         ``GET Range: bytes=0-0`` decides (its ``Content-Range`` total is the size; a 200 gives
         the size from ``Content-Length`` and ``accept_ranges=False``; 416 ``bytes */0`` is an
         empty object). Raises TransientError / PermanentError.
+
+        With ``fresh`` (``urlcommand.py``) the requests go to its current URL, and a refusal
+        of it is tried once more with the URL its command prints; headers and ``url``'s
+        userinfo still go only to ``url``'s origin.
         """
         original = _parse_url(url)
-        label = f"HEAD {redact_url(url)}"
-        response, final = await self._send("HEAD", original, original, {}, label)
+        name = redact_url(url)
+        if fresh is None:
+            return await self._probe(original, original, name)
+        start = await fresh.current()
+        try:
+            info = await self._probe(_parse_url(start), original, name, hint=False)
+        except PermanentError as exc:
+            if not is_refusal(exc.status, start):
+                raise
+            retry = await fresh.after_refusal(start)
+            if retry is None:
+                raise PermanentError(f"{exc}: {fresh.problem}", status=exc.status) from exc
+            start = retry
+            info = await self._probe(_parse_url(start), original, name, hint=False)
+        fresh.worked(start)
+        return info
+
+    async def _probe(
+        self, start: httpx.URL, original: httpx.URL, name: str, *, hint: bool = True
+    ) -> RemoteInfo:
+        """:meth:`probe` of the object at ``start`` (``original``: the user's URL, ``name``
+        its redacted form); ``hint``: a refusal of an expired URL suggests --url-command."""
+        label = f"HEAD {name}"
+        response, final = await self._send("HEAD", start, original, {}, label)
         try:
             status, headers = response.status_code, _fields(response)
             if status == 200:
@@ -298,15 +330,17 @@ class HttpSession:
             elif status in _HEAD_REFUSED or 200 <= status < 300:
                 reason = f"HEAD answered {status}"
             else:
-                raise self._status_error(response, label, final, original)
+                raise self._status_error(response, label, final, original, hint=hint)
         finally:
             await _discard(response)
         log.debug("%s: %s; probing with GET bytes=0-0", label, reason)
-        return await self._probe_get(original)
+        return await self._probe_get(start, original, name, hint)
 
-    async def _probe_get(self, original: httpx.URL) -> RemoteInfo:
-        label = f"GET {redact_url(str(original))} bytes=0-0"
-        response, final = await self._send("GET", original, original, {"Range": "bytes=0-0"}, label)
+    async def _probe_get(
+        self, start: httpx.URL, original: httpx.URL, name: str, hint: bool
+    ) -> RemoteInfo:
+        label = f"GET {name} bytes=0-0"
+        response, final = await self._send("GET", start, original, {"Range": "bytes=0-0"}, label)
         try:
             status, headers = response.status_code, _fields(response)
             at = _at(final, original)
@@ -334,7 +368,7 @@ class HttpSession:
                 if match is not None and int(match[1]) == 0:
                     return self._info(final, 0, headers, accept_ranges=_accepts_bytes(headers))
                 raise PermanentError(f"{label}: HTTP 416 for the first byte{at}", status=status)
-            raise self._status_error(response, label, final, original)
+            raise self._status_error(response, label, final, original, hint=hint)
         finally:
             await _discard(response, limit=1)
 
@@ -497,11 +531,17 @@ class HttpSession:
             )
 
     def _status_error(
-        self, response: httpx.Response, label: str, url: httpx.URL, original: httpx.URL
+        self, response: httpx.Response, label: str, url: httpx.URL, original: httpx.URL,
+        *, hint: bool = True,
     ) -> SourceError:
-        """The error for an unexpected status: 408/429/5xx transient, anything else permanent."""
+        """The error for an unexpected status: 408/429/5xx transient, anything else permanent.
+        ``hint``: a refusal of a URL whose query says it expired says so, and what to do."""
         status = response.status_code
         text = f"{label}: HTTP {status} {response.reason_phrase}".rstrip()
+        if hint and is_refusal(status, str(url)):
+            expired = expired_hint(str(url)) or expired_hint(str(original))
+            if expired is not None:
+                text += f": {expired}"
         if status == 407:
             proxy = response.extensions.get("rangefs_proxy") or "the proxy"
             text += f" from {proxy}: give user:password in the proxy URL"
@@ -569,14 +609,22 @@ class HttpReader(Reader):
 
     Created by :meth:`HttpSession.reader`; many tasks may use one reader at once (each
     ``open_range`` is its own request). The pinned URL (``info.url`` at first) is replaced
-    when a redirect or a re-resolution finds another final URL.
+    when a redirect or a re-resolution finds another final URL. With ``fresh``
+    (``urlcommand.py``) requests start from its current URL instead of ``url``, and a
+    refused one is tried once more with the URL its command prints; the version read stays
+    ``info`` (every answer's validators are checked as always).
     """
 
-    def __init__(self, session: HttpSession, url: str, info: RemoteInfo) -> None:
+    def __init__(
+        self, session: HttpSession, url: str, info: RemoteInfo, fresh: FreshUrl | None = None
+    ) -> None:
         self.name = redact_url(url)
         self.info = info
         self._session = session
-        self._original = _parse_url(url)
+        self._original = _parse_url(url)  # whose origin gets the headers and userinfo
+        self._fresh = fresh
+        self._start_text = url if fresh is None else fresh.url
+        self._start = _strip_userinfo(_parse_url(self._start_text))  # where GETs resolve from
         self._url = _strip_userinfo(_parse_url(info.url))
         self._if_range = _if_range_value(info)
 
@@ -600,14 +648,14 @@ class HttpReader(Reader):
         stats = self._session.stats
         stats.in_flight += 1
         try:
-            response, url = await self._get(headers, label)
+            response, url, note = await self._get(headers, label)
         except BaseException:
             stats.in_flight -= 1
             raise
         try:
             at = _at(url, self._original)
             try:
-                self._check(response, rng, label, url)
+                self._check(response, rng, label, url, note)
             except SourceError:
                 await _discard(response)
                 raise
@@ -629,10 +677,42 @@ class HttpReader(Reader):
 
     async def _get(
         self, headers: Mapping[str, str], label: str
+    ) -> tuple[httpx.Response, httpx.URL, str | None]:
+        """The answer to a GET of the pinned URL (resolved again from the start URL when it
+        went away, and, with ``fresh``, from a fresh URL when refused), the URL that gave it,
+        and why a refusal was not cured (or None)."""
+        fresh = self._fresh
+        if fresh is not None:
+            self._follow(await fresh.current())
+        response, url = await self._get_pinned(headers, label)
+        note = None
+        if fresh is not None and is_refusal(response.status_code, self._start_text):
+            retry = await fresh.after_refusal(self._start_text)
+            if retry is None:
+                note = fresh.problem
+            else:
+                await _discard(response)
+                self._follow(retry)
+                response, url = await self._get_pinned(headers, label)
+        if response.status_code in (200, 206):
+            if url != self._url:
+                self._url = url
+            if fresh is not None:
+                fresh.worked(self._start_text)
+        return response, url, note
+
+    def _follow(self, start: str) -> None:
+        """Requests start from ``start`` (a fresh URL) from now on. No await."""
+        if start != self._start_text:
+            self._start_text = start
+            self._start = self._url = _strip_userinfo(_parse_url(start))
+
+    async def _get_pinned(
+        self, headers: Mapping[str, str], label: str
     ) -> tuple[httpx.Response, httpx.URL]:
-        session, original, pinned = self._session, self._original, self._url
+        session, original, start, pinned = self._session, self._original, self._start, self._url
         response, url = await session._send("GET", pinned, original, headers, label)
-        if response.status_code in _EXPIRED and pinned != original:
+        if response.status_code in _EXPIRED and pinned != start:
             log.debug(
                 "%s: %s answered %d; resolving the original URL again",
                 label,
@@ -640,13 +720,13 @@ class HttpReader(Reader):
                 response.status_code,
             )
             await _discard(response)
-            response, url = await session._send("GET", original, original, headers, label)
-        if response.status_code in (200, 206) and url != self._url:
-            self._url = url
+            response, url = await session._send("GET", start, original, headers, label)
         return response, url
 
-    def _check(self, response: httpx.Response, rng: ByteRange, label: str, url: httpx.URL) -> None:
-        """Raise unless ``response`` is exactly the bytes of ``rng`` of our version."""
+    def _check(self, response: httpx.Response, rng: ByteRange, label: str, url: httpx.URL,
+               note: str | None = None) -> None:
+        """Raise unless ``response`` is exactly the bytes of ``rng`` of our version
+        (``note``: why a refusal was not cured by a fresh URL, for the message)."""
         status, headers, size = response.status_code, _fields(response), self.info.size
         at = _at(url, self._original)
         if status == 412:
@@ -656,7 +736,11 @@ class HttpReader(Reader):
                 f"{label}: the remote object changed (HTTP 416: the range is past its end){at}"
             )
         if status not in (200, 206):
-            raise self._session._status_error(response, label, url, self._original)
+            error = self._session._status_error(response, label, url, self._original,
+                                                 hint=self._fresh is None)
+            if note is not None and isinstance(error, PermanentError):
+                error = PermanentError(f"{error}: {note}", status=status)
+            raise error
         changed = self._validator_change(headers)
         if changed is not None:
             raise RemoteChanged(f"{label}: the remote object changed ({changed}){at}")

@@ -3,15 +3,18 @@
 Plain text, UTF-8, one entry a line; blank lines and lines whose first non-blank character
 is ``#`` are ignored. Tokens are separated by spaces or tabs::
 
-    URL [PATH] [sha256:HEX | sha512:HEX | sha1:HEX | md5:HEX | size=N] ...
+    URL [PATH] [sha256:HEX | sha512:HEX | sha1:HEX | md5:HEX | size=N | mirror=URL
+              | url-command=PROGRAM] ...
 
 - URL: ``http://`` or ``https://`` with a host. It is kept exactly as given (it may carry
   ``user:pass@`` or a signed query), so it never appears in a message: :func:`redact_url`.
 - PATH: where the file appears, relative to the mount point; directories are implied. By
   default the URL's last path segment, percent-decoded. An explicit PATH is taken literally
   (no percent-decoding). The second token is a PATH unless it looks like an option.
-- Options: at most one digest (hex or base64, any of :mod:`rangefs.digests`' spellings) and
-  at most one ``size=N`` (decimal bytes).
+- Options: at most one digest (hex or base64, any of :mod:`rangefs.digests`' spellings),
+  at most one ``size=N`` (decimal bytes), mirrors (``mirror=URL``), and at most one
+  ``url-command=PROGRAM``: the absolute path of a program that prints a fresh URL when this
+  one expires (``urlcommand.py``; whether it exists is the caller's check).
 - A URL whose path ends with ``/`` is a *listing*: the directory at PATH shows the tree
   under it, listed from the server (an HTML directory index or an S3 bucket listing,
   ``listings.py``). Its default PATH is the URL's last non-empty segment; PATH ``.`` puts the
@@ -54,13 +57,15 @@ _BAD_COMPONENT = re.compile(r"(?:^|/)(\.{0,2})(?:/|\Z)")  # an empty, '.' or '..
 _HEX_DIGEST = re.compile(r"(sha256|sha512|sha1|md5):([0-9a-fA-F]+)")  # the common spelling
 _SIZE_OPTION = re.compile(r"(?i)size=")
 _MIRROR_OPTION = re.compile(r"(?i)mirror=")
+_URL_COMMAND_OPTION = re.compile(r"(?i)url-command=")
 _DECIMAL = re.compile(r"[0-9]+")
 # http(s)://[userinfo@]host[:port] followed by the path, query, fragment or the end: a
 # registered name or IPv4 host (no IPv6 literal), accepted without urlsplit for speed.
 _PLAIN_HTTP_URL = re.compile(
     r"(?i:https?)://(?:[^/?#@\[\]]*@)?[A-Za-z0-9._~%!$&'()*+,;=-]+(?::([0-9]{1,5}))?(?=[/?#]|\Z)"
 )
-_OPTIONS_HELP = "sha256:HEX, sha512:HEX, sha1:HEX, md5:HEX, size=N or mirror=URL"
+_OPTIONS_HELP = ("sha256:HEX, sha512:HEX, sha1:HEX, md5:HEX, size=N, mirror=URL or "
+                 "url-command=PROGRAM")
 MAX_MIRRORS = 16
 
 
@@ -72,6 +77,7 @@ class Entry:
     :func:`redact_url` (``repr()`` already does). ``digest`` and ``size`` are what the line
     claims, if anything; ``line`` is the 1-based line number in the list. ``mirrors`` are
     other URLs of the same object (``mirror=URL``), credentials and all, in line order.
+    ``url_command`` is the program that prints a fresh URL (``url-command=PROGRAM``).
     """
 
     url: str = field(repr=False)
@@ -80,6 +86,7 @@ class Entry:
     size: int | None
     line: int
     mirrors: tuple[str, ...] = field(default=(), repr=False)
+    url_command: str | None = None
     #: a directory listed from the server (the URL ends with '/'): ``path`` is where it
     #: appears ('.': the mount point); no digest, size or mirrors
     listing: bool = False
@@ -90,10 +97,12 @@ class Entry:
 
     def __repr__(self) -> str:
         mirrors = f", mirrors={[redact_url(m) for m in self.mirrors]!r}" if self.mirrors else ""
+        command = f", url_command={self.url_command!r}" if self.url_command else ""
         return (
             f"Entry(url={redact_url(self.url)!r}, path={str(self.path)!r}, "
             f"digest={self.digest!s}, size={self.size!r}, line={self.line!r}{mirrors}"
-            f"{', listing=True' if self.listing else ''}{', listed=True' if self.listed else ''})"
+            f"{command}{', listing=True' if self.listing else ''}"
+            f"{', listed=True' if self.listed else ''})"
         )
 
 
@@ -194,7 +203,7 @@ def _check_path(path: str) -> str | None:
 
 def _is_option(token: str) -> bool:
     return bool(_DIGEST_OPTION.match(token) or _SIZE_OPTION.match(token)
-                or _MIRROR_OPTION.match(token))
+                or _MIRROR_OPTION.match(token) or _URL_COMMAND_OPTION.match(token))
 
 
 def parse_url_list(text: str, source: str) -> list[Entry]:
@@ -263,6 +272,7 @@ def _parse_line(tokens: list[str], source: str, number: int) -> tuple[str, Entry
     digest: Digest | None = None
     size: int | None = None
     mirrors: list[str] = []
+    command: str | None = None
     for token in options:
         if _DIGEST_OPTION.match(token):
             if digest is not None:
@@ -298,13 +308,22 @@ def _parse_line(tokens: list[str], source: str, number: int) -> tuple[str, Entry
             if len(mirrors) >= MAX_MIRRORS:
                 raise UrlListError(source, number, f"more than {MAX_MIRRORS} mirrors")
             mirrors.append(mirror)
+        elif _URL_COMMAND_OPTION.match(token):
+            if command is not None:
+                raise UrlListError(source, number, "url-command given twice")
+            command = token[len("url-command="):]
+            if not command.startswith("/"):
+                raise UrlListError(
+                    source, number,
+                    f"url-command={command}: give the absolute path of a program",
+                )
         else:
             shown = redact_url(token) if "://" in token else token
             raise UrlListError(
                 source, number, f"unknown token {shown!r} (expected {_OPTIONS_HELP})"
             )
     return path, Entry(url=url, path=PurePosixPath(path), digest=digest, size=size,
-                       line=number, mirrors=tuple(mirrors))
+                       line=number, mirrors=tuple(mirrors), url_command=command)
 
 
 def _parse_listing(url: str, url_path: str, options: list[str], source: str,

@@ -32,6 +32,8 @@ SAMPLES: dict[str, str | None] = {
     "no_proxy": None,
     "cacert": "/etc/ssl/ca.pem",
     "header_file": "/etc/rangefs/h",
+    "url_command": "/usr/local/bin/presign",
+    "url_command_timeout": "10",
     "allow_other": None,
     "foreground": None,
     "log_file": "/var/log/rangefs.log",
