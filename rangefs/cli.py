@@ -507,8 +507,8 @@ def mount_command(
 ) -> None:
     """Mount every URL of URLLIST as a read-only file under MOUNTPOINT.
 
-    URLLIST has one 'URL [PATH] [sha256:HEX | size=N | mirror=URL]' entry a line ('#'
-    comments); '-' reads it from standard input. A URL ending with '/' is a directory
+    URLLIST has one 'URL [PATH] [sha256:HEX | size=N | mirror=URL | url-command=PROGRAM]'
+    entry a line ('#' comments); '-' reads it from standard input. A URL ending with '/' is a directory
     listed from the server (an HTML index or an S3 bucket), 'URL/ .' at the mount point.
     MOUNTPOINT must be an empty directory. Unmount with 'fusermount3 -u MOUNTPOINT' (or
     SIGTERM to the rangefs process).
