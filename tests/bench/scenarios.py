@@ -30,6 +30,7 @@ from .system import DiskPeak, disk_bytes, drop_page_cache, kill_group, log, run,
 
 MiB = 1 << 20
 Figures = dict[str, Any]
+REPO = Path(__file__).resolve().parents[2]  # the working directory of ``-m tests.bench.*``
 
 
 @dataclass(frozen=True)
@@ -159,10 +160,13 @@ def _read_timeout(ctx: Ctx, size: int) -> float:
 
 
 def _download_argv(peer: Peer, url: str, dl: Path, name: str) -> list[str]:
-    """How a download peer fetches ``url`` to ``dl/name``."""
+    """How a download peer fetches ``url`` to ``dl/name`` (hf_transfer: run with the
+    repository as the working directory, see tests/bench/hfget.py)."""
     if peer.name == "aria2":
         return ["aria2c", "-x16", "-s16", "-k1M", "-q", "--allow-overwrite=true",
                 "--auto-file-renaming=false", "-d", str(dl), "-o", name, url]
+    if peer.name == "hf_transfer":
+        return [sys.executable, "-m", "tests.bench.hfget", url, str(dl / name)]
     return ["curl", "-sS", "-o", str(dl / name), url]
 
 
@@ -191,7 +195,7 @@ def sequential(ctx: Ctx, peer: Peer, *, warm: bool) -> Figures:
         url = ctx.origin.url("seq/big.bin")
         drop_page_cache()
         code, seconds, rss = run_rusage(_download_argv(peer, url, dl, "big.bin"),
-                                        timeout=timeout)
+                                        timeout=timeout, cwd=REPO)
         figures: Figures = {"s5_rss_seq_mib": rss}
         check(figures, code == 0, seconds)
         traffic = ctx.origin.sent_since(mark)
@@ -651,4 +655,9 @@ SUPPORTS: dict[str, set[str]] = {
     # issue 17: the download peers are the comparison (curl the one-connection floor); the
     # other FUSE peers read at ~17 MiB/s in (1) and would add a minute each
     "10": {"rangefs", "rangefs-none", "aria2", "curl"},
+    # issue 20 (fastlinks.py): the download peers are the comparison; rclone and httpdirfs
+    # read one object with one stream (17 MiB/s in (1)), curl is that floor on these links
+    "11": {"rangefs", "aria2", "hf_transfer", "curl"},
+    # downloads: `rangefs download` beside the downloaders
+    "12": {"rangefs", "aria2", "hf_transfer", "curl"},
 }
