@@ -8,6 +8,9 @@ tests.bench.httpcpu`` on this project's 2-core VM: parsing a 10-field 206 head c
 2 us with llhttp and 45 us with h11, and h11 adds about 0.12 ms per MiB of body (it
 buffers and re-slices every received block) where llhttp copies each block once; the
 transport's own share is what remains (see the bench's figures in README "Performance").
+A body framed by Content-Length alone does not go through llhttp at all: its bytes are
+handed out as received (the parser would copy each block once more), counted against the
+declared length.
 
 What is still done here, and why: finding the end of each head (bounded by
 :data:`MAX_HEAD_BYTES` / :data:`MAX_HEAD_LINES`; llhttp has no limit), replacing obs-folds
@@ -329,7 +332,7 @@ class _Message:
     (1xx) head gets its own. Anything after the end of the message sets ``extra``."""
 
     __slots__ = ("complete", "extra", "fields", "framing", "head_done", "keep", "parser",
-                 "pieces", "reason")
+                 "pieces", "reason", "remaining")
 
     def __init__(self) -> None:
         self.fields: list[tuple[bytes, bytes]] = []
@@ -340,6 +343,10 @@ class _Message:
         self.extra = False
         self.keep = False
         self.framing = 0  # framing bytes (chunk lines, trailers) fed since the last piece
+        # A body framed by Content-Length alone: the bytes it still lacks, taken as received
+        # (_take) without llhttp, which would copy every received block once more; None:
+        # every received byte goes through llhttp (chunked, framed by the close, no body)
+        self.remaining: int | None = None
         self.parser = httptools.HttpResponseParser(self)
         # RFC 9112 (7.1.1) allows whitespace (BWS) between a chunk's size and ';'
         self.parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
@@ -471,7 +478,10 @@ class _Body(httpx.AsyncByteStream):
             try:
                 data = await conn.receive(self._size, self._read_timeout, self._request)
                 if data:
-                    _feed(message, data, self._request)
+                    if message.remaining is not None:
+                        _take(message, data)
+                    else:
+                        _feed(message, data, self._request)
                 elif self._eof_ends:
                     message.complete = True
                     self._keep = False
@@ -504,6 +514,41 @@ class _Body(httpx.AsyncByteStream):
             self._transport._release(conn)
         else:  # framed by the close, or unsolicited bytes after the body
             self._transport._drop(conn)
+
+
+def _identity_length(fields: list[tuple[bytes, bytes]]) -> int | None:
+    """The Content-Length of a head whose body it alone frames (no Transfer-Encoding), or
+    None. Call after llhttp accepted the head: it refuses a malformed or repeated
+    Content-Length and one beside Transfer-Encoding."""
+    length = None
+    for name, value in fields:
+        if (name[0] | 0x20) in (0x63, 0x74):  # 'c' or 't'
+            lname = name.lower()
+            if lname == b"transfer-encoding":
+                return None
+            if lname == b"content-length":
+                length = int(value)
+    return length
+
+
+def _take(message: _Message, data: bytes) -> None:
+    """Body bytes of a Content-Length body (``message.remaining`` not None), as received:
+    the pieces are ``data`` itself (no copy) up to the declared end; anything past it
+    sets ``extra`` (the connection is then not reused)."""
+    remaining = message.remaining
+    assert remaining is not None
+    if len(data) <= remaining:
+        if data:
+            message.pieces.append(data)
+        remaining -= len(data)
+    else:
+        if remaining:
+            message.pieces.append(data[:remaining])
+        remaining = 0
+        message.extra = True
+    message.remaining = remaining
+    if remaining == 0:
+        message.complete = True
 
 
 def _feed(message: _Message, data: bytes, request: httpx.Request) -> None:
@@ -713,7 +758,12 @@ class FastTransport(httpx.AsyncBaseTransport):
             message.extra = bool(rest)
         else:
             eof_ends = not keep and _framed_by_close(headers)
-            if rest:
+            if not message.complete and not eof_ends:
+                message.remaining = _identity_length(headers)
+            if message.remaining is not None:
+                if rest:
+                    _take(message, bytes(rest))
+            elif rest:
                 _feed(message, bytes(rest), request)
         owner: _Conn | None = conn
         if message.complete and not message.pieces:  # no body: the connection is free now
