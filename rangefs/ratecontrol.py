@@ -256,10 +256,10 @@ class ConcurrencyPlan:
     connection...) halves the count and holds growth for ``hold`` seconds.
     """
 
-    initial: int = 16
+    initial: int = 32
     minimum: int = 1
     maximum: int = 64
-    interval: float = 0.15
+    interval: float = 0.1
     gain: float = 1.15
     probe_every: float = 2.0
     probe_step: float = 1.25

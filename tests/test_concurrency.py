@@ -69,7 +69,7 @@ def test_an_error_halves_the_count_and_holds_growth() -> None:
     counts = drive(ctl, Link(16 * MiB, 10_000 * MiB), 12, errors_at=frozenset({5}))
     before = counts[4]
     assert counts[5] == before // 2
-    # no growth within the hold (1 s = 6 intervals of 0.15 s)
+    # no growth within the hold (1 s = 10 intervals of 0.1 s)
     assert all(c <= before // 2 for c in counts[5:11])
 
 
