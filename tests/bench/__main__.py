@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import report
+from . import modelload, report
 from .fastlinks import CP_LINKS, DOWNLOAD_LINKS, downloads, fast_cp
 from .origin import Layout, Origin, big_sha256, populate
 from .peers import DEFAULT_PEERS, PEERS
@@ -67,8 +67,9 @@ KEYS = {
     "11": tuple(f"s11_{link}_{what}" for link in CP_LINKS for what in ("mibps", "cpu_gib")),
     "12": tuple(f"s12_{link}_{what}" for link in DOWNLOAD_LINKS
                 for what in ("mibps", "cpu_gib")),
+    "13": ("s13_s",),
 }
-SCENARIOS = [str(n) for n in range(1, 13)]
+SCENARIOS = [str(n) for n in range(1, 14)]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -181,6 +182,8 @@ def one_run(ctx: Ctx, peers: list[str], scenarios: list[str]) -> dict[str, dict[
         steps.append(("11", "11", fast_cp))
     if "12" in scenarios:
         steps.append(("12", "12", downloads))
+    if "13" in scenarios:
+        steps.append(("13", "13", lambda c, p: modelload.model_load(c, p, c.model_sha256)))
     for step, scenario, fn in steps:
         who = [p for p in peers if p in SUPPORTS[scenario] or (step == "seq" and p in
                SUPPORTS["5"] and "5" in scenarios)]
@@ -233,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     # PyPI peers, into this Python's environment (never the suite's setup)
     modules = ["hf_transfer"] if "hf_transfer" in args.peers else []
+    if "13" in args.scenarios:
+        modules += ["safetensors", "numpy"]
     if not args.no_install:
         ensure_tools(tools)
         ensure_pip(modules)
@@ -260,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"generating objects in {origin_root}")
     populate(origin_root / "root", lay)
     sha = big_sha256(lay)
+    model_sha = ""
+    if "13" in args.scenarios:
+        log("generating the safetensors model of scenario 13")
+        model_sha = modelload.populate(origin_root / "root", args.quick)
     runs: list[dict[str, dict[str, Any]]] = []
     started = time.time()
     try:
@@ -267,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                     rate=knobs.rate, chunk=args.sendfile_chunk,
                     cloud_rate=args.cloud_rate) as origin:
             for i in range(1, args.runs + 1):
-                ctx = Ctx(origin, lay, work, knobs, sha, i, profile_dir)
+                ctx = Ctx(origin, lay, work, knobs, sha, i, profile_dir, model_sha)
                 runs.append(one_run(ctx, args.peers, args.scenarios))
     finally:
         if args.keep:
@@ -315,7 +324,10 @@ def render(args: argparse.Namespace, command: str, info: dict[str, str], lay: La
         "disk; (11, 12) the (1) object through the 'fast' link (no per-connection cap) and "
         f"the 'cloud' link (`limit_rate {args.cloud_rate}`), same delay; (12) also through "
         "the store's link; CPU s/GiB: the daemon's during the cp (11), a downloader's whole "
-        "process, its start included.", "",
+        "process, its start included; (13) a safetensors model (64 × 16 MiB float32 "
+        "tensors; 16 with `--quick`) loaded with `safetensors.safe_open(..., "
+        "framework=\"np\")` + `get_tensor` of every tensor: through a cold mount, or "
+        "downloaded (page cache dropped) and then loaded, on the store's link.", "",
         report.table(runs, peers, knobs.delay_s * 1000), "",
         "**Peers:** " + "; ".join(f"`{p}` = {PEERS[p].label}" for p in peers) + ".", "",
     ]

@@ -154,6 +154,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("s12_cloud_mibps", "12 download, defaults, cloud link, MiB/s ↑", "high", "{:.0f}",
            _rel_best("s12_cloud_mibps", DOWNLOADERS, 1.0, "≥")),
     Metric("s12_cloud_cpu_gib", "12 (CPU s per GiB, cloud link)", "info", "{:.2f}"),
+    Metric("s13_s", "13 load a 1 GiB safetensors model cold (download peers: download, "
+           "then load), s ↓", "low", "{:.2f}"),
+    Metric("s13_cpu_s", "13 (daemon CPU seconds during the load)", "info", "{:.2f}"),
 )
 
 

@@ -59,6 +59,7 @@ class Ctx:
     big_sha256: str
     run: int
     profile_dir: Path | None = None
+    model_sha256: str = ""  # scenario 13: sha256 of the model's tensor bytes (modelload.py)
 
     def fresh(self, name: str) -> Path:
         path = self.work / name
@@ -660,4 +661,7 @@ SUPPORTS: dict[str, set[str]] = {
     "11": {"rangefs", "aria2", "hf_transfer", "curl"},
     # downloads: `rangefs download` beside the downloaders
     "12": {"rangefs", "aria2", "hf_transfer", "curl"},
+    # model loading (modelload.py): through the mount, or download then load; curl's one
+    # connection would take a minute a run for 1 GiB (the floor of (1) says it already)
+    "13": {"rangefs", "aria2", "hf_transfer"},
 }
