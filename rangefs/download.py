@@ -31,6 +31,7 @@ from .errors import (
     TransientError,
     UsageError,
 )
+from .fasthttp import BULK_RECEIVE_SIZE, receive_size
 from .fetcher import ObjectFetcher, retry_transient
 from .ranges import ByteRange, num_blocks, range_for_index
 from .ratecontrol import BackoffPolicy, ConcurrencyController, ConcurrencyPlan, Limiter
@@ -446,7 +447,9 @@ async def download_file(
     if not dest.parent.is_dir():
         raise UsageError(f"{dest.parent} does not exist; create it first")
     part = partial_dir(dest)
-    async with HttpSession(options.http) as session:
+    with receive_size(BULK_RECEIVE_SIZE):  # the session's transport reads 512 KiB at once
+        session = HttpSession(options.http)
+    async with session:
         info = await retry_transient(lambda: session.probe(url), options.backoff, name)
         identity = ObjectIdentity(
             url=name, size=info.size, block_size=options.block_size,

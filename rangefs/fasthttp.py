@@ -57,13 +57,14 @@ LocalProtocolError (a request that cannot be serialized safely), UnsupportedProt
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import re
 import select
 import socket
 import ssl
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Final, cast
 
 import httptools
@@ -83,12 +84,29 @@ MAX_FRAMING_BYTES: Final = 64 * 1024
 pieces of body data."""
 MAX_INTERIM: Final = 16
 """Most interim (1xx) responses skipped before the final one."""
-RECEIVE_SIZE: Final = 512 * 1024
-"""Most bytes asked of a socket per receive (the default ``receive_size``). On a link
-without a per-connection cap a receive then brings up to 512 KiB at once, and the fetcher
-writes it with one ``pwritev``: a 1 GiB download on the bench's uncapped link used 0.9 s
-of system CPU instead of 1.2-1.6 s with 128 KiB (python -m tests.bench, scenario 12). A
-slow connection still returns what has arrived."""
+RECEIVE_SIZE: Final = 128 * 1024
+"""Most bytes asked of a socket per receive, by default (a mount's transports: each
+connection may hold one such block, and a mount's peak RSS is bounded)."""
+BULK_RECEIVE_SIZE: Final = 512 * 1024
+"""The receive size of bulk transfers (``rangefs download``, see :func:`receive_size`): on
+a link without a per-connection cap a receive then brings up to 512 KiB at once, and the
+fetcher writes it with one ``pwritev``: a 1 GiB download on the bench's uncapped link used
+0.9 s of system CPU instead of 1.2-1.6 s with 128 KiB. A mount's daemon with it peaked at
+84 MiB RSS instead of 55 reading a 4 GiB object (32 connections), over its 80 MiB target."""
+_receive_size: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "rangefs_receive_size", default=RECEIVE_SIZE
+)
+
+
+@contextlib.contextmanager
+def receive_size(size: int) -> Iterator[None]:
+    """Within this block (this context: the calling trio task), transports made without a
+    ``receive_size`` receive up to ``size`` bytes per read."""
+    token = _receive_size.set(size)
+    try:
+        yield
+    finally:
+        _receive_size.reset(token)
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _RETRYABLE: Final = frozenset({"GET", "HEAD"})
@@ -585,7 +603,8 @@ class FastTransport(httpx.AsyncBaseTransport):
     ``max_connections`` bounds open connections (in use + idle) over all origins;
     ``max_keepalive`` bounds idle ones (default: ``max_connections``); ``ssl_context`` is
     used for https (default: certifi's CAs if installed, else the system's);
-    ``receive_size`` is the most bytes asked of the socket per receive; ``proxies`` says
+    ``receive_size`` is the most bytes asked of the socket per receive (default:
+    RECEIVE_SIZE, or what :func:`receive_size` says where the transport is made); ``proxies`` says
     which origins are reached through an http:// forward proxy (``proxies.py``): plain
     http in absolute form, https through a ``CONNECT`` tunnel. A proxy that refuses or
     cannot be reached raises :class:`ProxyRefused` (an ``httpx.ProxyError``).
@@ -597,9 +616,11 @@ class FastTransport(httpx.AsyncBaseTransport):
         max_connections: int = 128,
         max_keepalive: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
-        receive_size: int = RECEIVE_SIZE,
+        receive_size: int | None = None,
         proxies: ProxyConfig | None = None,
     ) -> None:
+        if receive_size is None:
+            receive_size = _receive_size.get()
         if max_connections < 1 or receive_size < 1:
             raise ValueError("max_connections and receive_size must be >= 1")
         if max_keepalive is not None and max_keepalive < 0:
