@@ -248,12 +248,13 @@ class ConcurrencyPlan:
     """The knobs of :class:`ConcurrencyController`; counts, seconds and ratios.
 
     ``initial`` transfers at first, never fewer than ``minimum`` nor more than
-    ``maximum``. A rate is measured over ``interval`` seconds, the first interval after a
-    change is left out (new connections are still opening). Growth doubles the count while
-    each doubling raises the rate by at least ``gain`` (1.15: 15 %); once it does not, the
-    count goes back to the best one seen and a step of ``probe_step`` × is tried every
-    ``probe_every`` seconds. A failed transfer (a transient error: 429, 503, a dropped
-    connection...) halves the count and holds growth for ``hold`` seconds.
+    ``maximum``. A rate is measured over ``interval`` seconds; the first interval after a
+    change is left out (new connections are still opening), not the very first one.
+    Growth doubles the count while each doubling raises the rate by at least ``gain``
+    (1.15: 15 %); once it does not, the count goes back to the best one seen and a step
+    of ``probe_step`` × is tried every ``probe_every`` seconds. A failed transfer (a
+    transient error: 429, 503, a dropped connection...) halves the count and holds growth
+    for ``hold`` seconds.
     """
 
     initial: int = 32
@@ -292,7 +293,9 @@ class ConcurrencyController:
         self._best_rate = 0.0
         self._best_count = self.count
         self._growing = True
-        self._settle = True  # the next interval follows a change: not measured
+        # the next interval follows a change: not measured (the first one is: growth
+        # starts from any rate, and the sooner the better)
+        self._settle = False
         self._probe_from: int | None = None  # the count a probe started from
         self._hold_until = -math.inf
         self._next_probe = -math.inf
