@@ -55,7 +55,6 @@ EXIT_SIGINT = 130
 
 MIN_BLOCK_SIZE = 4 << 10
 MAX_BLOCK_SIZE = 64 << 20
-DEFAULT_CONCURRENCY = 16  # download and cat
 # A mount's blocks are small so that a random reader fetches little more than it reads
 # (a 4 KiB pread brings one 64 KiB block: 16 x, about 4 ms at 16 MiB/s); sequential
 # readers still get large requests (adjacent blocks are coalesced).
@@ -508,9 +507,9 @@ def mount_command(
     """Mount every URL of URLLIST as a read-only file under MOUNTPOINT.
 
     URLLIST has one 'URL [PATH] [sha256:HEX | size=N | mirror=URL | url-command=PROGRAM]'
-    entry a line ('#' comments); '-' reads it from standard input. A URL ending with '/' is a directory
-    listed from the server (an HTML index or an S3 bucket), 'URL/ .' at the mount point.
-    MOUNTPOINT must be an empty directory. Unmount with 'fusermount3 -u MOUNTPOINT' (or
+    entry a line ('#' comments); '-' reads it from standard input. A URL ending with '/'
+    is a directory listed from the server (an HTML index or an S3 bucket), 'URL/ .' at the
+    mount point. MOUNTPOINT must be an empty directory. Unmount with 'fusermount3 -u MOUNTPOINT' (or
     SIGTERM to the rangefs process).
 
     Options also go the mount(8) way, '-o name[=value],...' with _ for - (-o
@@ -644,8 +643,12 @@ def _transfer_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      default="1M", show_default=True, metavar="SIZE",
                      help="Bytes per block (a power of two, 4K..64M): the unit of requests, "
                           "retries and resumption."),
-        click.option("--concurrency", type=click.IntRange(1, 256), default=DEFAULT_CONCURRENCY,
-                     show_default=True, metavar="N", help="Concurrent HTTP range requests."),
+        click.option("--concurrency", type=click.IntRange(1, 256), default=None,
+                     metavar="N",
+                     help="download: the most concurrent range requests; below it the "
+                          "download measures and runs as many as make it faster (more "
+                          "while the rate grows, fewer on errors).  cat: concurrent range "
+                          "requests.  [default: download 64, cat 16]"),
         click.option("--max-rate", type=SizeType(minimum=1), default=None, metavar="SIZE",
                      help="Rate limit in bytes per second (e.g. 50M).  [default: unlimited]"),
         click.option("--sha256", "sha256", default=None, metavar="HEX",
@@ -684,7 +687,7 @@ def _transfer_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _download_options(
-    *, block_size: int, concurrency: int, max_rate: int | None, sha256: str | None,
+    *, block_size: int, concurrency: int | None, max_rate: int | None, sha256: str | None,
     retries: int, read_timeout: float, headers: Sequence[str], header_file: str | None,
     cacert: str | None = None, proxy: str | None = None, no_proxy: bool = False,
     force: bool = False, from_mounts: bool = True, url_command: str | None = None,
@@ -702,7 +705,10 @@ def _download_options(
         max_rate=float(max_rate) if max_rate is not None else None,
         http=HttpOptions(headers=_http_headers(headers, header_file), read_timeout=read_timeout,
                          cacert=_cacert(cacert), proxy=_check_proxy(proxy, no_proxy),
-                         trust_env=not no_proxy),
+                         trust_env=not no_proxy,
+                         # every request of the job, the probe and a spare at once
+                         max_connections=max(HttpOptions.max_connections,
+                                             (concurrency or 0) + 2)),
         backoff=BackoffPolicy(steps=retries),
         digest=digest,
         force=force,

@@ -31,9 +31,10 @@ from .errors import (
     TransientError,
     UsageError,
 )
+from .fasthttp import BULK_RECEIVE_SIZE, receive_size
 from .fetcher import ObjectFetcher, retry_transient
 from .ranges import ByteRange, num_blocks, range_for_index
-from .ratecontrol import BackoffPolicy, Limiter
+from .ratecontrol import BackoffPolicy, ConcurrencyController, ConcurrencyPlan, Limiter
 from .redact import redact_url
 from .scheduler import FLUSH_INTERVAL, flush_periodically
 from .sharing import CopyingReader, copy_from_mounts, export_from_mounts
@@ -83,11 +84,13 @@ def _resumable(error: RangefsError) -> bool:
 class CachingDownloader:
     """Fetch every outstanding block of ``cache`` from ``reader``.
 
-    ``concurrency`` parallel range requests of up to ``request_bytes`` each; transient
-    failures retried per ``backoff``; with ``wait_for_completion`` failed passes are
-    repeated (at most ``max_passes``, ``pass_delay`` seconds apart, doubling) until the
-    cache is complete. ``progress`` is called with a stats snapshot at most every
-    ``progress_interval`` seconds and once at the end. Local I/O and cache errors stop at
+    ``concurrency`` parallel range requests of up to ``request_bytes`` each, or, with a
+    ``controller``, as many as it chooses by measuring (at most its plan's maximum, which
+    then replaces ``concurrency``); transient failures retried per ``backoff``; with
+    ``wait_for_completion`` failed passes are repeated (at most ``max_passes``,
+    ``pass_delay`` seconds apart, doubling) until the cache is complete. ``progress`` is
+    called with a stats snapshot at most every ``progress_interval`` seconds and once at
+    the end. Local I/O and cache errors stop at
     once (not resumable); so does a changed remote.
     """
 
@@ -105,6 +108,7 @@ class CachingDownloader:
         pass_delay: float = 1.0,
         progress: Callable[[DownloadStats], None] | None = None,
         progress_interval: float = 0.5,
+        controller: ConcurrencyController | None = None,
     ) -> None:
         if reader.info.size != cache.size:
             raise InternalError(
@@ -112,7 +116,8 @@ class CachingDownloader:
             )
         self.cache = cache
         self.reader = reader
-        self.concurrency = max(1, concurrency)
+        self.controller = controller
+        self.concurrency = controller.plan.maximum if controller else max(1, concurrency)
         self.limiter = limiter or Limiter()
         self.backoff = backoff or BackoffPolicy()
         self.request_bytes = request_bytes
@@ -152,7 +157,8 @@ class CachingDownloader:
             limiter=self.limiter,
             backoff=self.backoff,
             demand_slots=trio.CapacityLimiter(self.concurrency),
-            fill_slots=trio.CapacityLimiter(self.concurrency),
+            fill_slots=(self.controller.slots if self.controller is not None
+                        else trio.CapacityLimiter(self.concurrency)),
             fill_request_bytes=self.request_bytes,
         )
         error: RangefsError | None = None
@@ -163,6 +169,10 @@ class CachingDownloader:
             nursery.start_soon(flush_periodically, lambda: [self.cache])
             if self.progress is not None:
                 nursery.start_soon(self._report, fetcher, found, start)
+            if self.controller is not None:
+                stats = fetcher.stats
+                nursery.start_soon(self.controller.run, lambda: (stats.bytes_received,
+                                                                 stats.errors))
             delay = self.pass_delay
             while not self.cache.complete():
                 self.stats.iterations += 1
@@ -371,7 +381,9 @@ class DownloadOptions:
     """Options of ``rangefs download`` / ``rangefs cat``; bytes and seconds."""
 
     block_size: int = 1 << 20
-    concurrency: int = 16
+    # download: the most requests at once (None: DOWNLOAD_MAX_CONCURRENCY), below which it
+    # chooses the count by measuring; cat: requests at once (None: CAT_CONCURRENCY)
+    concurrency: int | None = None
     max_rate: float | None = None
     http: HttpOptions = field(default_factory=HttpOptions)
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
@@ -394,6 +406,20 @@ class DownloadResult:
     verified: Digest | None
     seconds: float
     copied_bytes: int = 0  # copied out of the cache of a rangefs mount (sharing.py)
+
+
+DOWNLOAD_MAX_CONCURRENCY = 64  # requests at once a download may grow to (--concurrency)
+CAT_CONCURRENCY = 16  # cat's requests at once (its reorder window holds 2 x as many blocks)
+DOWNLOAD_REQUEST_BYTES = 8 << 20  # the largest request of a download
+RUNS_PER_STREAM = 2  # a download's requests are small enough for this many per stream
+
+
+def download_request_bytes(size: int, block_size: int, streams: int) -> int:
+    """Bytes per request of a download of ``size`` bytes: at most DOWNLOAD_REQUEST_BYTES,
+    small enough that ``streams`` requests at once have RUNS_PER_STREAM each to do (a
+    256 MiB object over 64 streams: 2 MiB), never under one block."""
+    share = size // max(1, streams * RUNS_PER_STREAM)
+    return max(block_size, min(DOWNLOAD_REQUEST_BYTES, share // block_size * block_size))
 
 
 def partial_dir(dest: Path) -> Path:
@@ -425,7 +451,9 @@ async def download_file(
         raise UsageError(f"{dest.parent} does not exist; create it first")
     part = partial_dir(dest)
     fresh = _fresh(url, options, str(dest), name)
-    async with HttpSession(options.http) as session:
+    with receive_size(BULK_RECEIVE_SIZE):  # the session's transport reads 512 KiB at once
+        session = HttpSession(options.http)
+    async with session:
         info = await retry_transient(lambda: session.probe(url, fresh=fresh), options.backoff,
                                      name)
         identity = ObjectIdentity(
@@ -437,10 +465,12 @@ async def download_file(
             copied = 0
             if options.from_mounts and not cache.complete():
                 copied = await trio.to_thread.run_sync(copy_from_mounts, url, info, cache)
+            streams = options.concurrency or DOWNLOAD_MAX_CONCURRENCY
             downloader = CachingDownloader(
                 cache,
                 session.reader(url, info, fresh),
-                concurrency=options.concurrency,
+                controller=ConcurrencyController(ConcurrencyPlan(maximum=streams)),
+                request_bytes=download_request_bytes(info.size, options.block_size, streams),
                 limiter=Limiter(bytes_per_second=options.max_rate),
                 backoff=options.backoff,
                 wait_for_completion=True,
@@ -521,7 +551,7 @@ async def cat_url(url: str, out_fd: int, options: DownloadOptions) -> int:
         downloader = StreamingDownloader(
             reader,
             block_size=max(options.block_size, 1 << 20),
-            concurrency=options.concurrency,
+            concurrency=options.concurrency or CAT_CONCURRENCY,
             limiter=Limiter(bytes_per_second=options.max_rate),
             backoff=options.backoff,
             digest=options.digest or info.digest,

@@ -23,7 +23,8 @@ Concurrency protocol (everything runs on the one trio thread):
   a few short requests in parallel, not for the middle of one long stream. Read-ahead
   keeps one window per sequential reader and serves the windows in turn.
 - Bodies are streamed: the whole blocks a chunk completes are written to the cache as soon
-  as it arrives (one ``pwritev``, only a block's partial start is copied), which sets
+  as it arrives (one ``pwritev`` of views of the received chunks: a block's partial start
+  is kept as a view of the chunk that brought it, not copied), which sets
   their bits; a waiter sleeps until the flight is past the last block it
   needs from that flight (one wake-up per read, not one per block).
 - A transient failure is retried with backoff from the first block not yet written; the
@@ -82,6 +83,7 @@ UNREACHABLE_RETRIES = 2
 UNREACHABLE_DELAY = 0.5
 PREFETCH_WORKERS = 8  # read-ahead requests of one object at a time (32 MiB in 4 MiB runs)
 READERS_TRACKED = 16  # reader positions (and read-ahead windows) one object remembers
+PENDING_VIEWS = 64  # received pieces of one partial block kept before they are joined
 
 
 class _Window:
@@ -598,8 +600,10 @@ class ObjectFetcher:
         self.stats.requests += 1
         block = flight.next_block  # the first block not yet written
         end = min((flight.last + 1) * bs, size)  # the flight's bytes end here (exclusive)
-        stage = bytearray(bs)  # the received start of ``block``, short of a whole block
-        staged = 0
+        # the received start of ``block``, short of a whole block: views of the received
+        # chunks themselves (immutable bytes; anything else is copied once), not a copy
+        pending: list[memoryview] = []
+        staged = 0  # bytes in pending
         pace = self._limiter.bytes_per_second is not None
         async with self.reader.open_range(rng) as body:
             self._range_refusals = 0  # the answer passed its checks
@@ -607,6 +611,8 @@ class ObjectFetcher:
                 if pace:
                     await self._limiter.wait_bytes(len(chunk))
                 self.stats.bytes_received += len(chunk)
+                if type(chunk) is not bytes:
+                    chunk = bytes(chunk)  # a view must not change under us
                 view = memoryview(chunk)[: end - block * bs - staged]  # nothing past the run
                 have = staged + len(view)
                 if block * bs + have == end:
@@ -615,13 +621,15 @@ class ObjectFetcher:
                     whole = have // bs
                     take = whole * bs - staged
                 if whole == 0:
-                    stage[staged:have] = view
+                    if len(pending) >= PENDING_VIEWS:  # many small chunks: one piece
+                        pending = [memoryview(b"".join(pending))]
+                    pending.append(view)
                     staged = have
                     continue
                 if self._stopped:
                     raise InternalError(f"{self.reader.name}: fetcher stopped")
-                parts = [memoryview(stage)[:staged], view[:take]] if staged else [view[:take]]
-                self.stats.blocks_written += cache.write_blocks(block, parts)
+                pending.append(view[:take])
+                self.stats.blocks_written += cache.write_blocks(block, pending)
                 inflight = self._inflight
                 for done in range(block, block + whole):
                     if inflight.get(done) is flight:
@@ -631,7 +639,7 @@ class ObjectFetcher:
                 if block > flight.last:
                     return
                 staged = len(view) - take
-                stage[:staged] = view[take:]
+                pending = [view[take:]] if staged else []
         if flight.next_block <= flight.last:
             raise TransientError(f"{self.reader.name} {rng}: body ended early")
 

@@ -12,6 +12,9 @@ jitter" and are capped; a server's ``Retry-After`` (``TransientError.retry_after
 the exponential delay, capped at ``retry_after_cap``. Unlike the seed there is no
 "no backoff" default: every Backoff gives up after ``steps`` retries.
 
+:class:`ConcurrencyController` chooses how many transfers of a download run at once by
+measuring the rate they reach (more while more pays, fewer on errors).
+
 Everything here runs in the trio thread; nothing is thread-safe. Use trio's autojump clock
 in tests (``trio.testing.MockClock(autojump_threshold=0)``) so waits take no real time.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -234,3 +238,129 @@ def new_backoff(
         initial=initial, maximum=maximum, steps=steps, retry_after_cap=retry_after_cap
     )
     return policy.new(rng=rng)
+
+
+# -- how many transfers at once ----------------------------------------------------------
+
+
+@dataclass
+class ConcurrencyPlan:
+    """The knobs of :class:`ConcurrencyController`; counts, seconds and ratios.
+
+    ``initial`` transfers at first, never fewer than ``minimum`` nor more than
+    ``maximum``. A rate is measured over ``interval`` seconds; the first interval after a
+    change is left out (new connections are still opening), not the very first one.
+    Growth doubles the count while each doubling raises the rate by at least ``gain``
+    (1.15: 15 %); once it does not, the count goes back to the best one seen and a step
+    of ``probe_step`` × is tried every ``probe_every`` seconds. A failed transfer (a
+    transient error: 429, 503, a dropped connection...) halves the count and holds growth
+    for ``hold`` seconds.
+    """
+
+    initial: int = 32
+    minimum: int = 1
+    maximum: int = 64
+    interval: float = 0.1
+    gain: float = 1.15
+    probe_every: float = 2.0
+    probe_step: float = 1.25
+    hold: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.minimum <= self.maximum:
+            raise ValueError(f"need 1 <= minimum <= maximum, got {self.minimum}, {self.maximum}")
+        if self.interval <= 0 or self.gain < 1 or self.probe_step <= 1:
+            raise ValueError("need interval > 0, gain >= 1 and probe_step > 1")
+        self.initial = min(self.maximum, max(self.minimum, self.initial))
+
+
+class ConcurrencyController:
+    """Chooses how many transfers of one job run at once, by measuring: the rate of
+    bytes received per interval, hill-climbing (double while it pays, then back to the
+    best count and probe a step up now and then), halving on errors.
+
+    :meth:`observe` is the whole decision (pure: counters in, count out), called every
+    ``plan.interval`` seconds of trio time by :meth:`run`, which applies the count to
+    ``slots`` (a ``trio.CapacityLimiter`` the transfers take a token of: lowering it lets
+    running transfers finish, raising it starts waiting ones). Trio thread only.
+    """
+
+    def __init__(self, plan: ConcurrencyPlan | None = None) -> None:
+        self.plan = plan or ConcurrencyPlan()
+        self.count = self.plan.initial
+        self.slots = trio.CapacityLimiter(self.count)
+        self.history: list[tuple[float, int, float]] = []  # (time, count, rate B/s) per step
+        self._best_rate = 0.0
+        self._best_count = self.count
+        self._growing = True
+        # the next interval follows a change: not measured (the first one is: growth
+        # starts from any rate, and the sooner the better)
+        self._settle = False
+        self._probe_from: int | None = None  # the count a probe started from
+        self._hold_until = -math.inf
+        self._next_probe = -math.inf
+        self._last: tuple[float, int, int] | None = None  # (time, bytes, errors)
+
+    def observe(self, now: float, received: int, errors: int) -> int:
+        """Counters at ``now`` (trio seconds): total bytes received and total failed
+        transfers so far. Returns the count to run from now on."""
+        plan = self.plan
+        last, self._last = self._last, (now, received, errors)
+        if last is None or now <= last[0]:
+            return self.count
+        if errors > last[2]:  # back off at once, and let the new count settle
+            self._set(max(plan.minimum, self.count // 2))
+            self._best_rate = 0.0
+            self._best_count = self.count
+            self._growing = False
+            self._probe_from = None
+            self._hold_until = now + plan.hold
+            self._next_probe = self._hold_until
+            return self.count
+        if self._settle:
+            self._settle = False
+            return self.count
+        rate = (received - last[1]) / (now - last[0])
+        self.history.append((now, self.count, rate))
+        if self._probe_from is not None:  # a probe's interval: keep it if it paid
+            start, self._probe_from = self._probe_from, None
+            if rate >= self._best_rate * plan.gain:
+                self._best_rate, self._best_count = rate, self.count
+            else:
+                self._set(start)
+            self._next_probe = now + plan.probe_every
+            return self.count
+        if self._growing:
+            if rate >= self._best_rate * plan.gain:
+                self._best_rate, self._best_count = rate, self.count
+                if self.count < plan.maximum:
+                    self._set(min(plan.maximum, self.count * 2))
+                else:
+                    self._growing = False
+            else:
+                self._growing = False
+                self._set(self._best_count)
+            self._next_probe = now + plan.probe_every
+            return self.count
+        if self.count == self._best_count:
+            # the rate of the count in use is the reference (the link may have changed)
+            self._best_rate = rate
+        if now >= max(self._next_probe, self._hold_until) and self.count < plan.maximum:
+            self._probe_from = self.count
+            self._set(min(plan.maximum, max(self.count + 1, int(self.count * plan.probe_step))))
+        return self.count
+
+    def _set(self, count: int) -> None:
+        if count != self.count:
+            self.count = count
+            self._settle = True
+
+    async def run(self, counters: Callable[[], tuple[int, int]]) -> None:
+        """Every ``plan.interval`` s: ``counters()`` -> (bytes received, failed transfers)
+        so far; apply :meth:`observe`'s count to ``slots``. Runs until cancelled."""
+        while True:
+            received, errors = counters()
+            count = self.observe(trio.current_time(), received, errors)
+            if self.slots.total_tokens != count:
+                self.slots.total_tokens = count
+            await trio.sleep(self.plan.interval)

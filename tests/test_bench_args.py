@@ -35,6 +35,9 @@ def test_the_full_default_run_writes_latest(monkeypatch: pytest.MonkeyPatch) -> 
     ["--scenarios", "10"],
     ["--scenarios", "1,2,3,4,5,6,7,8,9"],
     ["--budget-read-s", "10"],
+    ["--scenarios", "11,12"],
+    ["--scenarios", "13"],
+    ["--cloud-rate", "50m"],
 ])
 def test_any_other_run_writes_partial(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RANGEFS_BENCH_ARGS", raising=False)
@@ -53,13 +56,13 @@ def test_an_explicit_output_wins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_default_runs_every_scenario_with_scenario_8_reading_for_30_s() -> None:
     args = parse_args([])
-    assert args.scenarios == [str(n) for n in range(1, 11)]
+    assert args.scenarios == [str(n) for n in range(1, 14)]
     assert args.budget_read_s is None  # main() makes it 30 s, 8 s with --quick
     assert parse_args(["--scenarios", "8,9", "--budget-read-s", "5"]).budget_read_s == 5.0
 
 
 @pytest.mark.parametrize("argv", [
-    ["--scenarios", "11"],
+    ["--scenarios", "14"],
     ["--scenarios", "0"],
     ["--budget-read-s", "0"],
     ["--budget-read-s", "x"],

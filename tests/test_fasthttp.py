@@ -1290,3 +1290,14 @@ async def test_fault_server(origin: FaultServer) -> None:
         assert (busy.status_code, busy.headers["retry-after"]) == (503, "2")
         ok_again = await client.get(url, headers={"Range": "bytes=5-9"})
         assert ok_again.content == content("/obj", 5, 5)
+
+
+def test_receive_size_follows_the_context_where_the_transport_is_made() -> None:
+    from rangefs.fasthttp import BULK_RECEIVE_SIZE, RECEIVE_SIZE, receive_size
+
+    assert FastTransport()._receive_size == RECEIVE_SIZE
+    with receive_size(BULK_RECEIVE_SIZE):
+        bulk = FastTransport()
+        assert FastTransport(receive_size=7)._receive_size == 7
+    assert bulk._receive_size == BULK_RECEIVE_SIZE
+    assert FastTransport()._receive_size == RECEIVE_SIZE

@@ -1,4 +1,4 @@
-"""``python -m tests.bench``: run the benchmark of issues 6, 16 and 17 and write the table.
+"""``python -m tests.bench``: run the benchmark of issues 6, 16, 17 and 20 and write the table.
 
 See tests/bench/README.md. Needs root (apt-get, drop_caches, FUSE mounts).
 """
@@ -6,6 +6,7 @@ See tests/bench/README.md. Needs root (apt-get, drop_caches, FUSE mounts).
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import fcntl
 import json
@@ -19,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import report
+from . import modelload, report
+from .fastlinks import CP_LINKS, DOWNLOAD_LINKS, downloads, fast_cp
 from .origin import Layout, Origin, big_sha256, populate
-from .peers import DEFAULT_PEERS, PEERS
+from .peers import DEFAULT_PEERS, PEERS, ROOT
 from .profile import summarize
 from .scenarios import (
     SUPPORTS,
@@ -37,7 +39,15 @@ from .scenarios import (
     ttfb,
     vast_random_reads,
 )
-from .system import drop_page_cache, ensure_tools, log, machine, tool_versions, wait_quiet
+from .system import (
+    drop_page_cache,
+    ensure_pip,
+    ensure_tools,
+    log,
+    machine,
+    tool_versions,
+    wait_quiet,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -55,8 +65,12 @@ KEYS = {
           "s8_free_mibps", "s8_free_gib", "s8_free_cache_mib", "s8_free_rss_mib"),
     "9": ("s9_p50_ms", "s9_p99_ms", "s9_amp"),
     "10": ("s10_m1_mibps", "s10_m1_origin_pct", "s10_m2_mibps", "s10_m2_origin_pct"),
+    "11": tuple(f"s11_{link}_{what}" for link in CP_LINKS for what in ("mibps", "cpu_gib")),
+    "12": tuple(f"s12_{link}_{what}" for link in DOWNLOAD_LINKS
+                for what in ("mibps", "cpu_gib")),
+    "13": ("s13_s",),
 }
-SCENARIOS = [str(n) for n in range(1, 11)]
+SCENARIOS = [str(n) for n in range(1, 14)]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -70,6 +84,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help=f"comma-separated subset of {','.join(PEERS)}")
     ap.add_argument("--delay-ms", type=float, default=30.0, help="origin first-byte delay")
     ap.add_argument("--rate", default="16m", help="nginx limit_rate per connection (16m)")
+    ap.add_argument("--cloud-rate", default="100m",
+                    help="nginx limit_rate per connection of the 'cloud' link of scenarios "
+                         "11 and 12 (100m; the 'fast' link has none)")
     ap.add_argument("--sendfile-chunk", default="128k",
                     help="nginx sendfile_max_chunk: how much goes out before limit_rate "
                          "delays (128k; nginx's default 2m leaves answers <= 2 MiB unthrottled)")
@@ -121,12 +138,14 @@ def is_full_run(args: argparse.Namespace) -> bool:
         and args.peers == list(DEFAULT_PEERS)
         and args.runs >= 3
         and not args.quick
-        and (args.delay_ms, args.rate, args.sendfile_chunk) == (30.0, "16m", "128k")
+        and (args.delay_ms, args.rate, args.sendfile_chunk, args.cloud_rate)
+        == (30.0, "16m", "128k", "100m")
         and args.big_size is None
         and args.huge_read_s is None
         and args.budget_read_s is None
         and not args.profile
         and not os.environ.get("RANGEFS_BENCH_ARGS")
+        and not os.environ.get("RANGEFS_BENCH_DOWNLOAD_ARGS")
     )
 
 
@@ -160,6 +179,12 @@ def one_run(ctx: Ctx, peers: list[str], scenarios: list[str]) -> dict[str, dict[
         steps.append(("9", "9", vast_random_reads))
     if "10" in scenarios:
         steps.append(("10", "10", tier_machines))
+    if "11" in scenarios:
+        steps.append(("11", "11", fast_cp))
+    if "12" in scenarios:
+        steps.append(("12", "12", downloads))
+    if "13" in scenarios:
+        steps.append(("13", "13", lambda c, p: modelload.model_load(c, p, c.model_sha256)))
     for step, scenario, fn in steps:
         who = [p for p in peers if p in SUPPORTS[scenario] or (step == "seq" and p in
                SUPPORTS["5"] and "5" in scenarios)]
@@ -210,8 +235,13 @@ def main(argv: list[str] | None = None) -> int:
                                         "rclone-tuned": ["rclone"],
                                         "httpdirfs": ["httpdirfs"]}.get(p, [])
     ]
+    # PyPI peers, into this Python's environment (never the suite's setup)
+    modules = ["hf_transfer"] if "hf_transfer" in args.peers else []
+    if "13" in args.scenarios:
+        modules += ["safetensors", "numpy"]
     if not args.no_install:
         ensure_tools(tools)
+        ensure_pip(modules)
     if not drop_page_cache():
         log("WARNING: cannot drop the page cache (not root?): 'cold' figures are not cold")
     info = machine()
@@ -236,13 +266,22 @@ def main(argv: list[str] | None = None) -> int:
     log(f"generating objects in {origin_root}")
     populate(origin_root / "root", lay)
     sha = big_sha256(lay)
+    # rangefs as installed: with its modules' bytecode (pip compiles it), even where the
+    # environment sets PYTHONDONTWRITEBYTECODE (then every `rangefs download` of scenario
+    # 12 compiled ~40 modules again: 0.1 s of a 1 s download); __pycache__ is ignored by git
+    compileall.compile_dir(str(ROOT / "rangefs"), quiet=1)
+    model_sha = ""
+    if "13" in args.scenarios:
+        log("generating the safetensors model of scenario 13")
+        model_sha = modelload.populate(origin_root / "root", args.quick)
     runs: list[dict[str, dict[str, Any]]] = []
     started = time.time()
     try:
         with Origin(origin_root / "root", work / "origin", delay_s=knobs.delay_s,
-                    rate=knobs.rate, chunk=args.sendfile_chunk) as origin:
+                    rate=knobs.rate, chunk=args.sendfile_chunk,
+                    cloud_rate=args.cloud_rate) as origin:
             for i in range(1, args.runs + 1):
-                ctx = Ctx(origin, lay, work, knobs, sha, i, profile_dir)
+                ctx = Ctx(origin, lay, work, knobs, sha, i, profile_dir, model_sha)
                 runs.append(one_run(ctx, args.peers, args.scenarios))
     finally:
         if args.keep:
@@ -269,7 +308,7 @@ def render(args: argparse.Namespace, command: str, info: dict[str, str], lay: La
            knobs: Knobs, runs: list[dict[str, dict[str, Any]]], seconds: float) -> str:
     peers = [p for p in args.peers if any(p in r for r in runs)]
     out = [
-        "# rangefs benchmark (issues 6, 16 and 17)", "",
+        "# rangefs benchmark (issues 6, 16, 17 and 20)", "",
         f"`{command}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{len(runs)} run(s), {seconds / 60:.1f} min", "",
         "**Machine:** " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
@@ -287,7 +326,13 @@ def render(args: argparse.Namespace, command: str, info: dict[str, str], lay: La
         "cold by two machines (two mounts, empty caches) one after the other through one "
         "nginx `proxy_cache` + `slice 1m` tier (`tests/tierrig.py`, empty at first), page "
         "cache dropped before each, so the second machine's slices come from the tier's "
-        "disk.", "",
+        "disk; (11, 12) the (1) object through the 'fast' link (no per-connection cap) and "
+        f"the 'cloud' link (`limit_rate {args.cloud_rate}`), same delay; (12) also through "
+        "the store's link; CPU s/GiB: the daemon's during the cp (11), a downloader's whole "
+        "process, its start included; (13) a safetensors model (64 × 16 MiB float32 "
+        "tensors; 16 with `--quick`) loaded with `safetensors.safe_open(..., "
+        "framework=\"np\")` + `get_tensor` of every tensor: through a cold mount, or "
+        "downloaded (page cache dropped) and then loaded, on the store's link.", "",
         report.table(runs, peers, knobs.delay_s * 1000), "",
         "**Peers:** " + "; ".join(f"`{p}` = {PEERS[p].label}" for p in peers) + ".", "",
     ]

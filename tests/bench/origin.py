@@ -29,6 +29,12 @@ from .system import NGINX_MODULES, free_port, kill_group, log
 
 TEMPLATE = Path(__file__).with_name("nginx.conf.template")
 
+# The links to the same objects (issue 20), by the URL prefix nginx.conf.template gives
+# each: "store" the emulated far-away store (--rate per connection, 16 MiB/s), "fast" no
+# per-connection cap, "cloud" --cloud-rate per connection (100 MiB/s). Every link has the
+# first-byte delay.
+LINKS = {"store": "", "fast": "link-fast/", "cloud": "link-cloud/"}
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -95,12 +101,13 @@ class Origin:
     """A running nginx; use as a context manager (always stopped)."""
 
     def __init__(self, root: Path, work: Path, *, delay_s: float, rate: str,
-                 chunk: str = "128k") -> None:
+                 chunk: str = "128k", cloud_rate: str = "100m") -> None:
         self.root = root
         self.work = work
         self.delay_s = delay_s
         self.rate = rate
         self.chunk = chunk
+        self.cloud_rate = cloud_rate
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self.access_log = work / "access.log"
@@ -109,8 +116,9 @@ class Origin:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def url(self, path: str) -> str:
-        return f"{self.base}/{path.lstrip('/')}"
+    def url(self, path: str, link: str = "store") -> str:
+        """The URL of ``path`` (under the document root) through ``link`` (see LINKS)."""
+        return f"{self.base}/{LINKS[link]}{path.lstrip('/')}"
 
     def __enter__(self) -> Origin:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -119,7 +127,7 @@ class Origin:
         for name, value in {
             "modules": str(NGINX_MODULES), "work": str(self.work), "root": str(self.root),
             "port": str(self.port), "delay_s": f"{self.delay_s:.4f}", "rate": self.rate,
-            "chunk": self.chunk,
+            "chunk": self.chunk, "cloud_rate": self.cloud_rate,
         }.items():
             text = text.replace(f"@{name}@", value)
         conf = self.work / "nginx.conf"
@@ -146,7 +154,8 @@ class Origin:
         else:
             raise SystemExit("bench: nginx did not listen within 15 s")
         log(f"origin {self.base} (first-byte delay {self.delay_s * 1000:g} ms, "
-            f"limit_rate {self.rate} per connection, sendfile_max_chunk {self.chunk})")
+            f"limit_rate {self.rate} per connection, sendfile_max_chunk {self.chunk}; "
+            f"/{LINKS['fast']} uncapped, /{LINKS['cloud']} {self.cloud_rate} per connection)")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -6,7 +6,9 @@ Two kinds:
   rangefs, a URL list of its objects) in the foreground; :func:`mounted` starts one, waits
   for the mount (bounded), and ALWAYS unmounts (``fusermount3 -u``, then abort + ``-u -z``)
   and reaps the daemon.
-- Download peers (aria2c, curl) fetch whole objects to a local file.
+- Download peers (aria2c, hf_transfer, curl) fetch whole objects to a local file; in
+  scenario 12 (downloads, issue 20) the ``rangefs`` peer is ``rangefs download`` with its
+  defaults.
 
 Variants that are not "defaults" (``rclone-tuned``, ``rangefs-none``, ``rangefs-metrics``)
 are shown in the table but never count as the best *default* peer for rangefs's ratio,
@@ -63,6 +65,8 @@ PEERS: dict[str, Peer] = {
         Peer("rangefs-metrics", "fuse", "rangefs mount --metrics 127.0.0.1:PORT (a free "
              "port), GET /metrics once a second while mounted", is_rangefs=True, scrape=True),
         Peer("aria2", "download", "aria2c -x16 -s16 -k1M"),
+        Peer("hf_transfer", "download", "hf_transfer (PyPI hf-transfer): max_files=64, "
+             "10 MiB chunks, as huggingface_hub calls it"),
         Peer("curl", "download", "curl (one connection)"),
         Peer("rclone", "fuse", "rclone mount :http: --vfs-cache-mode full"),
         Peer("rclone-tuned", "fuse", "rclone mount --vfs-cache-mode full " + " ".join(RCLONE_TUNED),
@@ -70,8 +74,8 @@ PEERS: dict[str, Peer] = {
         Peer("httpdirfs", "fuse", "httpdirfs --cache"),
     )
 }
-DEFAULT_PEERS = ("rangefs", "rangefs-none", "aria2", "curl", "rclone", "rclone-tuned",
-                 "httpdirfs")
+DEFAULT_PEERS = ("rangefs", "rangefs-none", "aria2", "hf_transfer", "curl", "rclone",
+                 "rclone-tuned", "httpdirfs")
 
 
 @dataclass
@@ -191,7 +195,7 @@ def fuse_argv(peer: Peer, *, base_url: str, sub: str, names: Sequence[str], moun
     ``extra``: options a scenario adds to the peer's own (scenario 8: a cache budget)."""
     url_dir = f"{base_url}/{sub}/"
     if peer.is_rangefs:
-        urls = work / f"{sub}.urls"
+        urls = work / f"{sub.replace('/', '-')}.urls"
         with open(urls, "w") as fh:
             for name in names:
                 size = f" size={sizes[name]}" if sizes and name in sizes else ""

@@ -37,6 +37,22 @@ def _rel(metric: str, peer: str, factor: float, op: str) -> Target:
     return target
 
 
+def _rel_best(metric: str, peers: tuple[str, ...], factor: float, op: str) -> Target:
+    """``op factor ×`` the best (highest) of ``peers``'s medians of ``metric``."""
+    def target(med: Medians, delay_ms: float) -> tuple[str, float | None]:
+        got = {p: v for p in peers if (v := med.get(metric, {}).get(p)) is not None}
+        names = " / ".join(PEERS[p].name for p in peers)
+        if not got:
+            return f"{op} {factor:g} × best of {names} (not measured)", None
+        best = max(got, key=lambda p: got[p])
+        return (f"{op} {factor:g} × best of {names} ({best}) = {got[best] * factor:.1f}",
+                got[best] * factor)
+    return target
+
+
+DOWNLOADERS = ("aria2", "hf_transfer")
+
+
 def _abs(op: str, value: float, unit: str) -> Target:
     return lambda med, delay_ms: (f"{op} {value:g} {unit}", value)
 
@@ -119,6 +135,28 @@ METRICS: tuple[Metric, ...] = (
     Metric("s10_m2_hit", "10 machine 2 tier log: requests HIT (first slice)", "info", "{:.0f}"),
     Metric("s10_m2_miss", "10 machine 2 tier log: requests MISS (first slice)", "info",
            "{:.0f}"),
+    # issue 20: fast links (tests/bench/fastlinks.py)
+    Metric("s11_fast_mibps", "11 fast link (no cap): cold cp, MiB/s ↑ (issue 20)", "high",
+           "{:.0f}", _rel("s11_fast_mibps", "curl", 1.0, "≥")),
+    Metric("s11_fast_cpu_gib", "11 (CPU s per GiB: daemon during cp; downloader's process)",
+           "info", "{:.2f}"),
+    Metric("s11_cloud_mibps", "11 cloud link (100 MiB/s per connection): cold cp, MiB/s ↑",
+           "high", "{:.0f}", _rel("s11_cloud_mibps", "aria2", 1.2, "≥")),
+    Metric("s11_cloud_cpu_gib", "11 (CPU s per GiB, cloud link)", "info", "{:.2f}"),
+    Metric("s12_store_mibps", "12 download, defaults, store link (16 MiB/s per conn.), "
+           "MiB/s ↑", "high", "{:.0f}", _rel_best("s12_store_mibps", DOWNLOADERS, 1.3, "≥")),
+    Metric("s12_store_cpu_gib", "12 (CPU s per GiB of the process, store link)", "info",
+           "{:.2f}"),
+    Metric("s12_store_amp", "12 (origin bytes ÷ size, store link)", "info", "{:.3f}×"),
+    Metric("s12_fast_mibps", "12 download, defaults, fast link, MiB/s ↑", "high", "{:.0f}",
+           _rel_best("s12_fast_mibps", DOWNLOADERS, 1.0, "≥")),
+    Metric("s12_fast_cpu_gib", "12 (CPU s per GiB, fast link)", "info", "{:.2f}"),
+    Metric("s12_cloud_mibps", "12 download, defaults, cloud link, MiB/s ↑", "high", "{:.0f}",
+           _rel_best("s12_cloud_mibps", DOWNLOADERS, 1.0, "≥")),
+    Metric("s12_cloud_cpu_gib", "12 (CPU s per GiB, cloud link)", "info", "{:.2f}"),
+    Metric("s13_s", "13 load a 1 GiB safetensors model cold (download peers: download, "
+           "then load), s ↓", "low", "{:.2f}"),
+    Metric("s13_cpu_s", "13 (daemon CPU seconds during the load)", "info", "{:.2f}"),
 )
 
 

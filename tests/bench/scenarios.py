@@ -30,6 +30,7 @@ from .system import DiskPeak, disk_bytes, drop_page_cache, kill_group, log, run,
 
 MiB = 1 << 20
 Figures = dict[str, Any]
+REPO = Path(__file__).resolve().parents[2]  # the working directory of ``-m tests.bench.*``
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Ctx:
     big_sha256: str
     run: int
     profile_dir: Path | None = None
+    model_sha256: str = ""  # scenario 13: sha256 of the model's tensor bytes (modelload.py)
 
     def fresh(self, name: str) -> Path:
         path = self.work / name
@@ -159,10 +161,13 @@ def _read_timeout(ctx: Ctx, size: int) -> float:
 
 
 def _download_argv(peer: Peer, url: str, dl: Path, name: str) -> list[str]:
-    """How a download peer fetches ``url`` to ``dl/name``."""
+    """How a download peer fetches ``url`` to ``dl/name`` (hf_transfer: run with the
+    repository as the working directory, see tests/bench/hfget.py)."""
     if peer.name == "aria2":
         return ["aria2c", "-x16", "-s16", "-k1M", "-q", "--allow-overwrite=true",
                 "--auto-file-renaming=false", "-d", str(dl), "-o", name, url]
+    if peer.name == "hf_transfer":
+        return [sys.executable, "-m", "tests.bench.hfget", url, str(dl / name)]
     return ["curl", "-sS", "-o", str(dl / name), url]
 
 
@@ -191,7 +196,7 @@ def sequential(ctx: Ctx, peer: Peer, *, warm: bool) -> Figures:
         url = ctx.origin.url("seq/big.bin")
         drop_page_cache()
         code, seconds, rss = run_rusage(_download_argv(peer, url, dl, "big.bin"),
-                                        timeout=timeout)
+                                        timeout=timeout, cwd=REPO)
         figures: Figures = {"s5_rss_seq_mib": rss}
         check(figures, code == 0, seconds)
         traffic = ctx.origin.sent_since(mark)
@@ -651,4 +656,12 @@ SUPPORTS: dict[str, set[str]] = {
     # issue 17: the download peers are the comparison (curl the one-connection floor); the
     # other FUSE peers read at ~17 MiB/s in (1) and would add a minute each
     "10": {"rangefs", "rangefs-none", "aria2", "curl"},
+    # issue 20 (fastlinks.py): the download peers are the comparison; rclone and httpdirfs
+    # read one object with one stream (17 MiB/s in (1)), curl is that floor on these links
+    "11": {"rangefs", "aria2", "hf_transfer", "curl"},
+    # downloads: `rangefs download` beside the downloaders
+    "12": {"rangefs", "aria2", "hf_transfer", "curl"},
+    # model loading (modelload.py): through the mount, or download then load; curl's one
+    # connection would take a minute a run for 1 GiB (the floor of (1) says it already)
+    "13": {"rangefs", "aria2", "hf_transfer"},
 }

@@ -14,6 +14,7 @@ import platform
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -56,6 +57,25 @@ def ensure_tools(commands: Sequence[str]) -> None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         subprocess.run(["systemctl", "disable", "--now", "nginx"], timeout=60,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+# Python module -> PyPI distribution: the bench's optional peers that are PyPI packages,
+# installed into the benchmark's own environment (sys.executable's) when a run needs them
+PIP_PEERS = {"hf_transfer": "hf-transfer", "safetensors": "safetensors", "numpy": "numpy"}
+
+
+def ensure_pip(modules: Sequence[str]) -> None:
+    """``pip install`` the PyPI packages of ``modules`` that this Python cannot import
+    (into its own environment, like ``.venv/bin/pip install py-spy`` for --profile); the
+    suite never needs them."""
+    import importlib.util
+
+    missing = sorted({PIP_PEERS[m] for m in modules if importlib.util.find_spec(m) is None})
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)} with pip into {sys.prefix}")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    *missing], check=True, timeout=1200)
 
 
 def drop_page_cache() -> bool:
@@ -249,28 +269,43 @@ def run_rusage(
     argv: Sequence[str], *, timeout: float, cwd: Path | None = None,
 ) -> tuple[int | None, float, float | None]:
     """Run ``argv`` (own process group, output discarded): (exit code or None on timeout,
-    seconds, peak RSS in MiB). On timeout the group is SIGKILLed and the figures are those
-    up to then. The peak is the child's VmHWM polled every 5 ms (not wait4's ru_maxrss,
-    which on Linux keeps the pre-exec peak of this Python process)."""
+    seconds, peak RSS in MiB). See :func:`run_measured`."""
+    code, elapsed, rss, _ = run_measured(argv, timeout=timeout, cwd=cwd)
+    return code, elapsed, rss
+
+
+def run_measured(
+    argv: Sequence[str], *, timeout: float, cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[int | None, float, float | None, float]:
+    """Run ``argv`` (own process group, output discarded): (exit code or None on timeout,
+    seconds, peak RSS in MiB, CPU seconds: user + system of the child and of the children
+    it waited for, wait4's rusage). On timeout the group is SIGKILLed and the figures are
+    those up to then. The peak is the child's VmHWM polled every 5 ms (not wait4's
+    ru_maxrss, which on Linux keeps the pre-exec peak of this Python process)."""
     start = time.perf_counter()
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+                            stderr=subprocess.DEVNULL, start_new_session=True, cwd=cwd,
+                            env=env)
     deadline = start + timeout
     peak: int | None = None
     code: int | None = None
+    cpu = 0.0
     try:
         while True:
             hwm = peak_rss_kib(proc.pid)  # None once it is a zombie
             if hwm is not None:
                 peak = max(peak or 0, hwm)
-            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid == proc.pid:
                 code = os.waitstatus_to_exitcode(status)
+                cpu = usage.ru_utime + usage.ru_stime
                 break
             if time.perf_counter() > deadline:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                os.wait4(proc.pid, 0)
+                _, _, usage = os.wait4(proc.pid, 0)
+                cpu = usage.ru_utime + usage.ru_stime
                 break
             time.sleep(0.005)
     except BaseException:  # interrupted (Ctrl-C, SIGTERM): the child goes too
@@ -279,7 +314,7 @@ def run_rusage(
         raise
     elapsed = time.perf_counter() - start
     proc.returncode = -1 if code is None else code  # already reaped
-    return code, elapsed, (peak / 1024 if peak is not None else None)
+    return code, elapsed, (peak / 1024 if peak is not None else None), cpu
 
 
 def cpu_busy(interval: float = 0.5) -> float:

@@ -12,6 +12,8 @@ ops:
            {"latencies": [...], "bytes"}
   readers  {"jobs": [[path, start, end], ...], "chunk"}  one thread per job, sequential
            preads of ``chunk`` bytes over [start, end): {"seconds", "bytes", "latencies"}
+  safetensors {"path"}  load every tensor (safetensors + numpy): {"seconds", "tensors",
+           "digest"} (sha256 of the tensors' bytes in name order, after the clock)
 """
 
 from __future__ import annotations
@@ -116,12 +118,28 @@ def op_readers(jobs: list[list[Any]], chunk: int) -> dict[str, Any]:
     return {"seconds": seconds, "bytes": sum(totals), "latencies": latencies, "errors": errors}
 
 
+def op_safetensors(path: str) -> dict[str, Any]:
+    """Load every tensor of a safetensors file with numpy (what loading a checkpoint does);
+    the sha256 of the tensors' bytes in name order is computed after the clock stopped."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    start = time.perf_counter()
+    with safe_open(path, framework="np") as fh:
+        tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+    seconds = time.perf_counter() - start
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(tensors[name].tobytes())
+    return {"seconds": seconds, "tensors": len(tensors), "digest": digest.hexdigest()}
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     op = args.pop("op")
-    result = {"read": op_read, "ttfb": op_ttfb, "pread": op_pread, "readers": op_readers}[op](
-        **args
-    )
+    result = {"read": op_read, "ttfb": op_ttfb, "pread": op_pread, "readers": op_readers,
+              "safetensors": op_safetensors}[op](**args)
     json.dump(result, sys.stdout)
 
 
