@@ -64,7 +64,7 @@ import select
 import socket
 import ssl
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Final, cast
 
 import httptools
@@ -602,7 +602,9 @@ class FastTransport(httpx.AsyncBaseTransport):
 
     ``max_connections`` bounds open connections (in use + idle) over all origins;
     ``max_keepalive`` bounds idle ones (default: ``max_connections``); ``ssl_context`` is
-    used for https (default: certifi's CAs if installed, else the system's);
+    used for https (default: certifi's CAs if installed, else the system's), or the one
+    ``ssl_context_factory`` makes at the first https connection (a context costs ~40 ms
+    of CPU: a download over plain http never pays it);
     ``receive_size`` is the most bytes asked of the socket per receive (default:
     RECEIVE_SIZE, or what :func:`receive_size` says where the transport is made); ``proxies`` says
     which origins are reached through an http:// forward proxy (``proxies.py``): plain
@@ -616,6 +618,7 @@ class FastTransport(httpx.AsyncBaseTransport):
         max_connections: int = 128,
         max_keepalive: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        ssl_context_factory: Callable[[], ssl.SSLContext] | None = None,
         receive_size: int | None = None,
         proxies: ProxyConfig | None = None,
     ) -> None:
@@ -628,6 +631,7 @@ class FastTransport(httpx.AsyncBaseTransport):
         self._max = max_connections
         self._max_idle = max_connections if max_keepalive is None else max_keepalive
         self._ssl_context = ssl_context
+        self._ssl_context_factory = ssl_context_factory
         if ssl_context is not None:
             ssl_context.set_alpn_protocols(["http/1.1"])
         self._receive_size = receive_size
@@ -975,6 +979,9 @@ class FastTransport(httpx.AsyncBaseTransport):
 
     def _tls_context(self) -> ssl.SSLContext:
         context = self._ssl_context
+        if context is None and self._ssl_context_factory is not None:
+            context = self._ssl_context = self._ssl_context_factory()
+            context.set_alpn_protocols(["http/1.1"])
         if context is None:
             try:
                 import certifi

@@ -42,6 +42,7 @@ closes whatever response was open.
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
 import re
 import socket
@@ -229,7 +230,7 @@ class HttpSession:
         if transport is None:
             transport = FastTransport(
                 max_connections=opts.max_connections,
-                ssl_context=tls_context(opts.cacert),
+                ssl_context_factory=functools.partial(tls_context, opts.cacert),
                 proxies=ProxyConfig.resolve(opts.proxy, opts.trust_env),
             )
             self._direct = transport
