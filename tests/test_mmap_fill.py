@@ -132,3 +132,19 @@ def test_prefetch_none_fetches_only_what_is_touched(
         assert not _complete(path)
         assert int(os.getxattr(path, "user.rangefs.blocks_cached")) == len(touched)
         assert "filling it whole" not in mount.stderr()
+
+
+def test_a_file_larger_than_the_cache_budget_is_not_filled_whole(
+    tmp_path: Path, mnt: Path, cache: Path, origin: FaultServer
+) -> None:
+    urls = _mount(tmp_path, origin)
+    path = mnt / "mapped.bin"
+    pages = _pages(4)[:80]
+    with mounted(urls, mnt, "--block-size", "64K", "--cache-size", "16M",
+                 cache_dir=cache) as mount:
+        _touch(path, 4, 80, madv_random=True)
+        time.sleep(1.0)  # a fill, if one had started, would have fetched blocks meanwhile
+        assert "does not fit the cache budget" in mount.stderr()
+        touched = {p * PAGE // BS for p in pages}
+        assert sorted(_fetched_blocks(origin)) == sorted(touched)
+        assert not _complete(path)
