@@ -104,7 +104,8 @@ IDLE_CHECK_PERIOD = 1.0
 class Prefetch(enum.Enum):
     """Background fill policy: which objects are filled without a reader asking."""
 
-    OPEN = "open"  # an opened object read sequentially is filled completely (default)
+    # an opened object read sequentially, or all over (readahead.py), is filled completely
+    OPEN = "open"  # (default)
     NONE = "none"  # only what readers ask for (plus sequential read-ahead)
     ALL = "all"  # every object of the list, from mount time
 
@@ -259,7 +260,7 @@ class ObjectHandle:
             return b""
         first, last = block_span(offset, end - offset, cache.block_size)
         # read-ahead and fill first: their flights start while this read waits for its own
-        self._read_ahead(offset, end, last)
+        self._read_ahead(offset, end, first, last)
         token = version.pin(first, last)  # none of its blocks is evicted until it is done
         started = trio.current_time()
         cached = True
@@ -292,7 +293,7 @@ class ObjectHandle:
         if size <= 0 or offset >= end:
             return None
         first, last = block_span(offset, end - offset, version.cache.block_size)
-        self._read_ahead(offset, end, last)
+        self._read_ahead(offset, end, first, last)
         token = version.pin(first, last)
         try:
             cached = await self._ensure(version, offset, end, first, last)
@@ -322,18 +323,28 @@ class ObjectHandle:
             obj.start_verify(version)
         return False
 
-    def _read_ahead(self, offset: int, end: int, last: int) -> None:
+    def _read_ahead(self, offset: int, end: int, first: int, last: int) -> None:
         """Act on the read-ahead policy (``readahead.py``) for a read of ``[offset, end)``
-        ending in block ``last``: preload the cache file, and for a sequential reader
-        start the object's whole fill (``--prefetch open``, when it fits the budget) or
-        else background read-ahead past the read. No await."""
-        plan = self._policy.on_read(offset, end)
+        of blocks ``first..last``: preload the cache file; for a sequential reader start
+        the object's whole fill (``--prefetch open``, when it fits the budget) or else
+        background read-ahead past the read; for a random reader that the policy takes
+        to read the whole file, that same fill (``--prefetch open`` only). No await."""
         version = self._version
+        bitmap = version.cache.bitmap
+        missing = 0
+        if bitmap.first_clear(first, last + 1) is not None:
+            missing = version.cache.block_size * sum(
+                not bitmap.is_block_set(b) for b in range(first, last + 1))
+        plan = self._policy.on_read(offset, end, missing)
         if plan.preload is not None:
             start, stop = plan.preload
             self._obj.store.tasks.start(
                 f"preload of {self._obj.name}", version.cache.preload, start, stop - start
             )
+        if plan.whole and self._obj.store.config.prefetch is Prefetch.OPEN:
+            if not (version.filling or version.fill_done or version.fill_queued):
+                log.info("%s: read all over: filling it whole", self._obj.name)
+            self._obj.start_fill(version)  # once per version; checks the budget
         if not plan.sequential or version.filling:
             return
         if self._obj.store.config.prefetch is Prefetch.OPEN:
