@@ -430,15 +430,19 @@ class MountedObject:
         return self._meta
 
     def attrs_nowait(self) -> ObjectAttrs | None:
-        """Attributes known without the network (probed, remembered, or size=N), else None."""
+        """Attributes known without the network (probed, remembered, or size=N), else None.
+        A listing that gives another size than the last probe is newer than it: its size
+        is shown until the probe it caused (``listing_changed``) says otherwise."""
         info = self._info
-        if info is not None:
+        entry = self.entry
+        if info is not None and not (entry.listed and not self._validated
+                                     and entry.size is not None and entry.size != info.size):
             return ObjectAttrs(info.size, info.mtime or self.store.started)
         meta = self._remembered()
-        if meta is not None and (self.entry.size is None or self.entry.size == meta.size):
+        if meta is not None and (entry.size is None or entry.size == meta.size):
             return ObjectAttrs(meta.size, meta.mtime or self.store.started)
-        if self.entry.size is not None:
-            return ObjectAttrs(self.entry.size, self.entry.mtime or self.store.started)
+        if entry.size is not None:
+            return ObjectAttrs(entry.size, entry.mtime or self.store.started)
         return None
 
     async def attrs(self) -> ObjectAttrs:
@@ -542,6 +546,10 @@ class MountedObject:
         cache directory), a :class:`~rangefs.guest.GuestHandle` that reads through it."""
         if self._failed is not None:
             raise self._failed
+        version = self._version
+        if version is not None and self.entry.listed and not self._validated \
+                and self.entry.size not in (None, version.info.size):
+            await self._revalidate()  # a listing says it changed: open the new version
         async with self._open_lock:
             try:
                 version = await self._ensure_version()
