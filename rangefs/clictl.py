@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,8 +130,13 @@ def status_command(paths: Sequence[str], files: bool, as_json: bool, watch: bool
     (CACHE_DIR/control.PID.sock).
     """
     targets = _targets(paths)
+    stop = threading.Event()
+    if watch:
+        # Ctrl-C ends the watch at the next frame: a flag, not KeyboardInterrupt, which a
+        # finalizer running at that moment would swallow ("Exception ignored ...")
+        signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     try:
-        while True:
+        while not stop.is_set():
             answers: list[dict[str, Any]] = []
             failed: list[str] = []
             for mount, inner in targets:
@@ -150,7 +157,7 @@ def status_command(paths: Sequence[str], files: bool, as_json: bool, watch: bool
                 lines = [f"rangefs: {e}" for e in failed]
                 click.echo("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S") + "\n"
                            + "\n".join([*lines, text]))
-                time.sleep(interval)
+                stop.wait(interval)
                 continue
             if text:
                 click.echo(text)

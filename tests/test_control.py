@@ -268,7 +268,15 @@ def test_status_watch_refreshes_until_ctrl_c(tmp_path: Path, mnt: Path, cache: P
                 frames += line.startswith(f"{mnt}  pid ")
             assert frames == 2, "two refreshes not seen"
             watch.send_signal(signal.SIGINT)
-            assert watch.wait(GUARD) == 0
+            # read what it still writes: a full pipe would keep it from exiting
+            try:
+                _, err = watch.communicate(timeout=GUARD)
+            except subprocess.TimeoutExpired:
+                watch.kill()
+                _, err = watch.communicate()
+                pytest.fail("status --watch still ran after SIGINT; its stderr:\n"
+                            + err.decode(errors="replace")[-3000:])
+            assert watch.returncode == 0, err
         finally:
             if watch.poll() is None:
                 watch.kill()

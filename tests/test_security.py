@@ -487,7 +487,8 @@ def test_download_and_cat_keep_credentials(
 
     # the first range request breaks off after 3 blocks; then the object is gone (404)
     far.faults("/far", [Fault("short_body", after=3 * BS + 5, method="GET"),
-                        *[Fault("status", status=404, method="GET")] * 10])
+                        # gone for every pass of a download (up to 5 of 8 parallel requests)
+                        *[Fault("status", status=404, method="GET")] * 64])
     dest = tmp_path / "out.bin"
     download = subprocess.run(
         [*rangefs_argv(), "download", *common, "--header-file", str(headers), "--retries", "0",
