@@ -414,10 +414,12 @@ def rangefs() -> None:
 @click.option("--prefetch", type=click.Choice([p.value for p in Prefetch]), default="open",
               show_default=True,
               help="Background fill: 'open' fills an opened file completely once it is read "
-                   "sequentially, one file at a time (random readers fetch only what they "
-                   "read; a file waiting for its turn gets read-ahead), 'none' only "
-                   "fetches what readers ask for (plus read-ahead), 'all' fills every object "
-                   "of the list from mount time.")
+                   "sequentially, or all over in no order (reads that fetched 1/64 of it, "
+                   "spread over it: a program touching all of a mapped file), one file at a "
+                   "time (other random readers fetch only what they read; a file waiting "
+                   "for its turn gets read-ahead), 'none' only fetches what readers ask for "
+                   "(plus read-ahead), 'all' fills every file of the list from mount time "
+                   "(not those of listed directories).")
 @click.option("--read-timeout", type=SecondsType(),
               default=DEFAULT_READ_TIMEOUT, show_default=True, metavar="SECONDS",
               help="How long a read() waits for its blocks before failing with EIO (the mount "
