@@ -18,7 +18,8 @@ Layout (directories 0700, files 0600, created with those modes)::
     ROOT/objects/KEY/data     the object's bytes (cache.py), for objects that were opened
     ROOT/objects/KEY/index    which blocks are durable (cachefiles.py)
     ROOT/listings/KEY.json    what the server listed in a listed directory, and when
-                              (listings.py): names, URL segments, sizes, mtimes, no URL
+                              (listings.py): names, URL segments, sizes, mtimes, and the
+                              directory's URL redacted (no credential)
 
 KEY is a hash of the URL without credentials: no user:password, and no query parameter
 that signs or expires a URL (so a re-signed URL finds its cache). Nothing in ROOT holds a

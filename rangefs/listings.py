@@ -10,9 +10,9 @@ handlers call :meth:`Listings.ensure` before they read a listed directory's chil
   from the listing where it gives them exactly (``indexes.py``), and the other files are
   probed when first looked at, one by one — ``ls`` of 100,000 names costs the listing only.
 - **Remembered.** Every listing is saved in ``CACHE_DIR/listings/`` (names, URL
-  segments, sizes, times; never a URL). A mount uses a remembered listing younger than the
-  TTL without a request; an older one is listed again, and when that fails the remembered
-  one is served (one warning).
+  segments, sizes, times; the directory's URL only redacted). A mount uses a remembered
+  listing younger than the TTL without a request; an older one is listed again, and when
+  that fails the remembered one is served (one warning).
 - **Single flight, never a hang.** One listing of a directory runs at a time, as a
   background task of the store (named, contained): a waiter that gives up (the FUSE
   request's read timeout) does not cancel it, and the next waiter finds its result.
