@@ -163,26 +163,11 @@ def one_run(ctx: Ctx, peers: list[str], scenarios: list[str]) -> dict[str, dict[
     steps: list[tuple[str, str, Any]] = []
     if {"1", "2", "5"} & set(scenarios):
         steps.append(("seq", "1", lambda c, p: sequential(c, p, warm="2" in scenarios)))
-    if "3" in scenarios:
-        steps.append(("3", "3", ttfb))
-    if "4" in scenarios:
-        steps.append(("4", "4", random_reads))
-    if "5" in scenarios:
-        steps.append(("5", "5", huge_rss))
-    if "6" in scenarios:
-        steps.append(("6", "6", big_list))
-    if "7" in scenarios:
-        steps.append(("7", "7", concurrent))
-    if "8" in scenarios:
-        steps.append(("8", "8", budget_read))
-    if "9" in scenarios:
-        steps.append(("9", "9", vast_random_reads))
-    if "10" in scenarios:
-        steps.append(("10", "10", tier_machines))
-    if "11" in scenarios:
-        steps.append(("11", "11", fast_cp))
-    if "12" in scenarios:
-        steps.append(("12", "12", downloads))
+    one_step = {"3": ttfb, "4": random_reads, "5": huge_rss, "6": big_list, "7": concurrent,
+                "8": budget_read, "9": vast_random_reads, "10": tier_machines, "11": fast_cp,
+                "12": downloads}  # scenario -> its function, in the order they run
+    steps.extend((scenario, scenario, fn) for scenario, fn in one_step.items()
+                 if scenario in scenarios)
     if "13" in scenarios:
         steps.append(("13", "13", lambda c, p: modelload.model_load(c, p, c.model_sha256)))
     for step, scenario, fn in steps:
