@@ -52,6 +52,7 @@ from .indexes import (
 )
 from .objects import ObjectStore
 from .redact import redact_url
+from .settings import LISTING_TTL
 from .source import Document
 from .tree import Changes, DirNode, DirSource, InodeNo, Listed, Node, Tree
 from .urllist import Entry
@@ -59,7 +60,7 @@ from .urllist import Entry
 log = logging.getLogger(__name__)
 
 #: Default seconds a listing is used before the directory is listed again.
-DEFAULT_TTL = 3600.0
+DEFAULT_TTL = LISTING_TTL
 #: Seconds a directory whose listing failed is not asked again (its lookups fail fast).
 RETRY_AFTER = 10.0
 #: The largest listing page accepted, in bytes.

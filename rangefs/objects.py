@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import enum
 import functools
 import logging
 import math
@@ -73,6 +72,7 @@ from .scheduler import (  # noqa: F401 - FLUSH_PERIOD re-exported
     flush_periodically,
     save_metadata_periodically,
 )
+from .settings import Prefetch
 from .source import HttpOptions, HttpSession, Reader, RemoteInfo
 from .stats import MountStats
 from .tasks import Tasks, contain
@@ -99,15 +99,6 @@ DEMAND_SLOTS_PER_FILL_SLOT = 2
 IDLE_GRACE = 5.0
 MAX_IDLE_CACHES = 64
 IDLE_CHECK_PERIOD = 1.0
-
-
-class Prefetch(enum.Enum):
-    """Background fill policy: which objects are filled without a reader asking."""
-
-    # an opened object read sequentially, or all over (readahead.py), is filled completely
-    OPEN = "open"  # (default)
-    NONE = "none"  # only what readers ask for (plus sequential read-ahead)
-    ALL = "all"  # every object of the list, from mount time
 
 
 @dataclass(frozen=True)

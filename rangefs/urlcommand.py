@@ -57,11 +57,12 @@ import trio
 import trio.lowlevel
 
 from .redact import redact_text, redact_url
+from .settings import URL_COMMAND_TIMEOUT
 from .urllist import url_problem
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT: Final = 30.0
+DEFAULT_TIMEOUT: Final = URL_COMMAND_TIMEOUT
 """Seconds a command may run before it is killed (and counts as failed)."""
 MAX_OUTPUT: Final = 64 * 1024
 """Bytes of stdout (and of stderr) read from a command; more is a failure."""

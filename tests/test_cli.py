@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,25 @@ from tests.mountutil import (
     unmount,
     write_list,
 )
+
+# -- start-up -----------------------------------------------------------------------------
+
+
+def test_download_and_cat_do_not_import_the_mount_stack() -> None:
+    """`rangefs download`/`cat`/`status` import neither the mount's modules nor FUSE nor
+    prometheus (every start of the command pays for what it imports); `mount --help` still
+    lists the choices that settings.py holds for it."""
+    probe = ("import sys, rangefs.cli; print(' '.join(sorted(m for m in sys.modules "
+             "if m.split('.')[0] in ('rangefs', 'pyfuse3', 'prometheus_client'))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert "rangefs.download" in loaded and "rangefs.settings" in loaded
+    for heavy in ("rangefs.mount", "rangefs.objects", "rangefs.listings", "rangefs.ops",
+                  "rangefs.metrics", "pyfuse3", "prometheus_client"):
+        assert heavy not in loaded
+    helptext = CliRunner().invoke(cli.rangefs, ["mount", "--help"]).output
+    assert "[open|none|all]" in helptext and "3600" in helptext
+
 
 # -- value parsers (in-process) ----------------------------------------------------------
 
