@@ -77,6 +77,7 @@ from rangefs.cachefiles import (
     punch_hole,
     read_index_record,
     reserve_space,
+    start_writeback,
     write_index,
 )
 from rangefs.ranges import ByteRange, ByteRanges, block_span
@@ -218,6 +219,10 @@ class LocalDownloadCache:
         self._write_lock = threading.Lock()
         #: called with (first block, count) after blocks were newly stored (trio thread)
         self.stored_listener: Callable[[int, int], None] | None = None
+        #: bytes written after which the data file's dirty pages are handed to the disk
+        #: (``start_writeback``); 0 leaves that to the kernel. Set by the owner after open.
+        self.write_behind = 0
+        self._unhanded = 0  # bytes written since the last start_writeback
 
     # -- opening ------------------------------------------------------------------------
 
@@ -438,6 +443,7 @@ class LocalDownloadCache:
             except OSError as exc:
                 raise _os_error(f"writing block {index} of {self._directory}", exc) from exc
             self._bitmap.set_block(index)
+        self._written(length)
         if self._dirty == 0:
             self._dirty_since = _now()
         self._dirty += 1
@@ -488,12 +494,24 @@ class LocalDownloadCache:
                 ) from exc
             for index in range(first, first + count):
                 bitmap.set_block(index)
+        self._written(length)
         if self._dirty == 0:
             self._dirty_since = _now()
         self._dirty += count
         if self.stored_listener is not None:
             self.stored_listener(first, count)
         return count
+
+    def _written(self, length: int) -> None:
+        """Count ``length`` bytes just written; past ``write_behind``, start their writeback
+        (on this thread: the call only queues the pages, unless the disk's queue is full)."""
+        if not self.write_behind:
+            return
+        self._unhanded += length
+        if self._unhanded >= self.write_behind:
+            self._unhanded %= self.write_behind
+            if not start_writeback(self._fd):
+                self.write_behind = 0  # the file system cannot: leave it to the kernel
 
     def read_at(self, offset: int, size: int) -> bytes:
         """Return exactly ``size`` bytes at ``offset``, all from cached blocks. Sync.

@@ -34,6 +34,10 @@ evicted run of blocks gives its space back with ``punch_hole`` (``fallocate`` wi
 ``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE``, through ctypes: the os module has no
 fallocate with flags). ``rangefs download`` keeps reserving (``reserve_space``).
 
+Write-behind: ``start_writeback`` (``sync_file_range``, through ctypes too) hands a file's
+dirty pages to the disk without waiting, so that a later fdatasync has little left to wait
+for and dirty memory stays small while a large object is written.
+
 ``create_new_files_for_cache`` removes the old index (and ``.prev``/``.tmp``) *before* it
 touches the data file, so a crash can never leave an old index claiming blocks of a
 truncated or re-allocated data file.
@@ -77,6 +81,7 @@ __all__ = [
     "read_index_record",
     "remove_index_files",
     "reserve_space",
+    "start_writeback",
     "write_index",
 ]
 
@@ -466,23 +471,42 @@ def create_sparse(path: StrPath, size: int) -> None:
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_SYNC_FILE_RANGE_WRITE = 0x02
 _libc: ctypes.CDLL | None = None
+
+
+def _load_libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                         ctypes.c_uint]
+        _libc = libc
+    return _libc
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate ``[offset, offset+length)`` of the file ``fd`` (reads give zeros; the
     size is kept). Blocking; thread-safe. OSError (EOPNOTSUPP where the file system cannot
     punch holes)."""
-    global _libc
     if length <= 0:
         return
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-    if _libc.fallocate(fd, mode, offset, length) != 0:
+    if _load_libc().fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def start_writeback(fd: int) -> bool:
+    """Start writing every dirty page of the file ``fd`` to its disk, without waiting for
+    the writes (``sync_file_range`` with ``SYNC_FILE_RANGE_WRITE`` over the whole file: it
+    blocks only while the disk's queue is full). Not a durability step: fdatasync still
+    is. False where the kernel or the file system cannot do it (stop calling it for that
+    file); any other error is left to the next fdatasync, which reports it."""
+    if _load_libc().sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0:
+        return True
+    return ctypes.get_errno() not in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP)
 
 
 def allocated_bytes(fd: int) -> int:

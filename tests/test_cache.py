@@ -291,6 +291,60 @@ def test_write_blocks_stores_a_run_from_parts(obj_dir: Path) -> None:
         assert c.read_at(0, 130) == data
 
 
+def test_write_behind_hands_every_write_behind_bytes_to_the_disk(
+    obj_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_behind = 3 blocks: the writeback of the data file is started each time the
+    bytes written pass another 3 blocks (write_block and write_blocks alike), never with
+    write_behind 0; a file system that cannot (start_writeback False) turns it off. The
+    bytes are the same either way."""
+    calls: list[int] = []
+    answer = [True]
+
+    def recorder(fd: int) -> bool:
+        assert fd == c._fd
+        calls.append(c.bitmap.count_set())
+        return answer[0]
+
+    monkeypatch.setattr(cache_mod, "start_writeback", recorder)
+    with LocalDownloadCache.open(obj_dir, ident(64 * 20, 64)) as c:
+        fill(c, range(4))
+        assert calls == []  # write_behind 0: left to the kernel
+        c.write_behind = 3 * 64
+        fill(c, range(4, 7))
+        assert calls == [7]
+        data = content(7 * 64, 5 * 64)
+        assert c.write_blocks(7, [data]) == 5
+        assert calls == [7, 12]
+        answer[0] = False  # 2 blocks over: the next one passes 3 more
+        fill(c, range(12, 15))
+        assert calls == [7, 12, 13] and c.write_behind == 0
+        fill(c, range(15, 20))
+        assert calls == [7, 12, 13]
+        assert c.complete() and c.read_at(0, 64 * 20) == content(0, 64 * 20)
+
+
+def test_start_writeback_on_real_files(tmp_path: Path) -> None:
+    """sync_file_range on a file of this machine's disk works; on a pipe it cannot (the
+    caller then stops asking)."""
+    from rangefs.cachefiles import start_writeback
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"x" * (1 << 20), 0)
+        assert start_writeback(fd)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    r, w = os.pipe()
+    try:
+        assert not start_writeback(w)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_write_blocks_leaves_cached_blocks_alone(obj_dir: Path) -> None:
     with LocalDownloadCache.open(obj_dir, ident(256, 64)) as c:
         fill(c, [1], salt=1)

@@ -80,6 +80,29 @@ async def test_download_digest_mismatch_removes_everything(origin: FaultServer,
     check("/a", 0, dest.read_bytes())
 
 
+async def test_download_writes_behind(origin: FaultServer, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A download hands what it wrote to the disk every WRITE_BEHIND_BYTES while it runs
+    (so its last fdatasync has little to wait for), and the bytes are exact."""
+    from rangefs import cache as cache_mod
+    from rangefs import cachefiles
+    from rangefs.download import WRITE_BEHIND_BYTES
+
+    calls: list[int] = []
+
+    def recorder(fd: int) -> bool:
+        calls.append(fd)
+        return cachefiles.start_writeback(fd)
+
+    monkeypatch.setattr(cache_mod, "start_writeback", recorder)
+    size = 4 * WRITE_BEHIND_BYTES + 12345
+    origin.add("/a", size)
+    dest = tmp_path / "a.bin"
+    await download_file(origin.url("/a"), dest, DownloadOptions(block_size=1 << 20))
+    check("/a", 0, dest.read_bytes())
+    assert len(calls) == 4
+
+
 async def test_download_refuses_to_overwrite(origin: FaultServer, tmp_path: Path) -> None:
     origin.add("/a", 10)
     dest = tmp_path / "a.bin"
