@@ -37,16 +37,23 @@ def redact_url(url: str) -> str:
 # userinfo of an absolute URL anywhere in a text: 'scheme://user:pass@'
 _USERINFO_IN_TEXT = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@'\"<>]*@")
 # the query of a URL or of a path anywhere in a text: '?' after a non-blank character, up to
-# a blank, a quote, '<', '>' or '#'
+# a blank, a quote, '<', '>' or '#'; punctuation that ends it (the ':' of "URL: error", a
+# ',', '.', ';', ')' or ']') stays outside, so that the message keeps it
+# (that is done in _redact_query: a lazy pattern for it backtracks quadratically)
 _QUERY_IN_TEXT = re.compile(r"(?<=[^\s'\"(\[<])\?([^\s'\"<>#]+)")
+_TRAILING = ":;,.)]"
 
 
 def _redact_query(match: re.Match[str]) -> str:
+    query = match.group(1)
+    kept = query.rstrip(_TRAILING)
+    if not kept:
+        return match.group(0)  # '?' then punctuation only: no query
     items = []
-    for item in match.group(1).split("&"):
+    for item in kept.split("&"):
         key, sep, _ = item.partition("=")
         items.append(f"{key}=REDACTED" if sep else "REDACTED")
-    return "?" + "&".join(items)
+    return "?" + "&".join(items) + query[len(kept):]
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:

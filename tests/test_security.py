@@ -265,6 +265,12 @@ def test_credentials_never_logged_shown_stored_or_sent_elsewhere(
     ("URL('http://alice:S1@h/p')", "URL('http://h/p')"),
     ("header value S1-long and S1-longer", "header value REDACTED and REDACTED"),
     ("what? nothing to hide: a ?b=c, d=e", "what? nothing to hide: a ?b=c, d=e"),
+    # the punctuation after a URL stays; a ':' inside a query value is redacted with it
+    ("GET http://h/o?sig=S2: HTTP 403 (see http://h/p?t=S3).",
+     "GET http://h/o?sig=REDACTED: HTTP 403 (see http://h/p?t=REDACTED)."),
+    ("http://h/o?se=2030-01-01T00:00:00Z&sig=S2:", "http://h/o?se=REDACTED&sig=REDACTED:"),
+    ("http://h/o?a:b:c", "http://h/o?REDACTED"),
+    ("huh?: what?", "huh?: what?"),
 ])
 def test_redact_text_for_log_lines(line: str, expected: str) -> None:
     """What the log formatter does to every line (unit test of rangefs.redact.redact_text)."""
