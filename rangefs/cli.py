@@ -754,6 +754,13 @@ def _run_job(job: Callable[[], Any]) -> Any:
         _fail(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGINT)
+    except BaseExceptionGroup as group:
+        # Ctrl-C while requests run: trio raises the KeyboardInterrupt in every task it
+        # reached, and the nurseries gather them in a group
+        _, other = group.split(KeyboardInterrupt)
+        if other is None:
+            sys.exit(EXIT_SIGINT)
+        raise
 
 
 class _ProgressLine:

@@ -120,6 +120,33 @@ def test_kill_9_then_rerun_resumes(origin: FaultServer, tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["big"]
 
 
+def test_ctrl_c_exits_130_without_a_traceback_and_a_rerun_resumes(
+    origin: FaultServer, tmp_path: Path
+) -> None:
+    """SIGINT to the process group (what a terminal's Ctrl-C sends) while requests run."""
+    size = 48 * 1024 * 1024
+    origin.add("/big", size)
+    origin.delay = 0.02
+    dest = tmp_path / "big"
+    args = [*RANGEFS, "download", "--block-size", "256K", "--max-rate", "16M",
+            origin.url("/big"), str(dest)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60  # a hang guard
+    while origin.bytes_sent("/big") < size // 4 or not _claims_a_block(partial_dir(dest)):
+        assert time.monotonic() < deadline and proc.poll() is None, origin.bytes_sent("/big")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert b"Traceback" not in stderr, stderr
+    origin.delay = 0
+    rerun = subprocess.run(args, capture_output=True, timeout=60, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    check("/big", 0, dest.read_bytes())
+    assert int(rerun.stderr.split(b"downloaded, ")[1].split(b" resumed")[0]) > 0
+
+
 def test_256_mib_with_faults_on_a_fifth_of_requests(origin: FaultServer, tmp_path: Path) -> None:
     size = 256 * 1024 * 1024
     origin.add("/big", size)
