@@ -75,6 +75,7 @@ from rangefs.cachefiles import (
     ensure_private_dir,
     open_data_file,
     punch_hole,
+    pwritev_all,
     read_index_record,
     reserve_space,
     start_writeback,
@@ -111,21 +112,6 @@ def _now() -> float:
 def _byte_view(data: Buffer) -> memoryview:
     view = memoryview(data)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """Write every byte of ``views`` at ``offset``, retrying short writes."""
-    views = [view for view in views if view]
-    while views:
-        written = os.pwritev(fd, views, offset)
-        if written <= 0:
-            raise OSError(errno.EIO, "pwritev wrote nothing")
-        offset += written
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            del views[0]
-        if written:
-            views[0] = views[0][written:]
 
 
 def _os_error(what: str, exc: OSError) -> errors.RangefsError:
@@ -487,7 +473,7 @@ class LocalDownloadCache:
             return written
         with self._write_lock:
             try:
-                _pwritev_all(self._fd, views, offset)
+                pwritev_all(self._fd, views, offset)
             except OSError as exc:
                 raise _os_error(
                     f"writing blocks {first}..{first + count - 1} of {self._directory}", exc
@@ -501,6 +487,32 @@ class LocalDownloadCache:
         if self.stored_listener is not None:
             self.stored_listener(first, count)
         return count
+
+    def adopt_blocks(self, first: int, count: int) -> int:
+        """Claim blocks ``first..first+count-1`` that another process of this download (its
+        helper, ``helper.py``) wrote into the data file: set their bits as ``write_blocks``
+        does after its write, so that the next flush makes them durable (fdatasync covers
+        every process's writes to the file) and claims them. The caller vouches that the
+        bytes are there. Blocks already set are left; returns how many were newly set.
+        ``InvalidOffset`` for a run outside the object."""
+        self._check_usable()
+        if count <= 0 or first < 0 or first + count > self.num_blocks:
+            raise errors.InvalidOffset(
+                f"blocks {first}..{first + count - 1} out of range [0, {self.num_blocks}) "
+                f"for {self._directory}"
+            )
+        added = 0
+        with self._write_lock:
+            for index in range(first, first + count):
+                if self._bitmap.set_block(index):
+                    added += 1
+        if added:
+            if self._dirty == 0:
+                self._dirty_since = _now()
+            self._dirty += added
+            if self.stored_listener is not None:
+                self.stored_listener(first, count)
+        return added
 
     def _written(self, length: int) -> None:
         """Count ``length`` bytes just written; past ``write_behind``, start their writeback

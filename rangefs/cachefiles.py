@@ -77,6 +77,7 @@ __all__ = [
     "open_cache_files",
     "open_data_file",
     "punch_hole",
+    "pwritev_all",
     "read_index",
     "read_index_record",
     "remove_index_files",
@@ -507,6 +508,22 @@ def start_writeback(fd: int) -> bool:
     if _load_libc().sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0:
         return True
     return ctypes.get_errno() not in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP)
+
+
+def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write every byte of ``views`` at ``offset`` of ``fd``, retrying short writes.
+    OSError. Any thread."""
+    views = [view for view in views if view]
+    while views:
+        written = os.pwritev(fd, views, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            del views[0]
+        if written:
+            views[0] = views[0][written:]
 
 
 def allocated_bytes(fd: int) -> int:

@@ -823,8 +823,12 @@ def _private_part_dir(dest: Path) -> bool:
 @click.option("--from-mounts/--no-from-mounts", default=True, show_default=True,
               help="First copy what the rangefs mounts of this user have cached of URL "
                    "(the same version only), then fetch the rest.")
+@click.option("--helper/--no-helper", default=True, show_default=True,
+              help="On a machine with two CPUs or more, fetch half of what is missing (at "
+                   "least 64 MiB) in a second rangefs process: the other CPU receives and "
+                   "writes it. Each process runs half of the requests.")
 def download_command(url: str, dest: Path | None, force: bool, progress: bool | None,
-                     from_mounts: bool, verbose: int, **kw: Any) -> None:
+                     from_mounts: bool, helper: bool, verbose: int, **kw: Any) -> None:
     """Download URL to DEST (default: the URL's last path segment, in the current directory).
 
     Parallel range requests; resumable: blocks are kept in DEST.rangefs-part/ and a rerun
@@ -840,14 +844,21 @@ def download_command(url: str, dest: Path | None, force: bool, progress: bool | 
         dest = Path(name) if dest is None else dest / name
     created = _private_part_dir(dest)
     line = _ProgressLine(sys.stderr.isatty() if progress is None else progress)
+    from .helper import Helper  # (forked here: before trio.run, with everything imported)
+
+    gc.freeze()  # the helper shares the imported modules' pages, copy-on-write
+    second = Helper.fork(options) if helper else None
     try:
-        result = _run_job(functools.partial(download_file, url, dest, options, progress=line))
+        result = _run_job(functools.partial(download_file, url, dest, options, progress=line,
+                                            helper=second))
     except SystemExit:
         if created:  # nothing to resume from: leave nothing behind
             with contextlib.suppress(OSError):
                 os.rmdir(partial_dir(dest))
         raise
     finally:
+        if second is not None:
+            second.close()
         line.finish()
     verified = f", {result.verified.algorithm} verified" if result.verified else ""
     click.echo(

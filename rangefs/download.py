@@ -13,13 +13,14 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import trio
 
-from .cache import LocalDownloadCache
+from .cache import Buffer, LocalDownloadCache
 from .cachefiles import ObjectIdentity
 from .digests import Digest, Hasher, hash_file
 from .errors import (
@@ -33,7 +34,7 @@ from .errors import (
 )
 from .fasthttp import BULK_RECEIVE_SIZE, receive_size
 from .fetcher import ObjectFetcher, retry_transient
-from .ranges import ByteRange, num_blocks, range_for_index
+from .ranges import ByteRange, ByteRanges, num_blocks, range_for_index
 from .ratecontrol import BackoffPolicy, ConcurrencyController, ConcurrencyPlan, Limiter
 from .redact import redact_url
 from .scheduler import FLUSH_INTERVAL, flush_periodically
@@ -41,6 +42,9 @@ from .sharing import CopyingReader, copy_from_mounts, export_from_mounts
 from .source import HttpOptions, HttpSession, Reader
 from .urlcommand import FreshUrl, UrlCommand
 from .urllist import default_name
+
+if TYPE_CHECKING:
+    from .helper import Helper, HelperJob
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +431,107 @@ def download_request_bytes(size: int, block_size: int, streams: int) -> int:
     return max(block_size, min(DOWNLOAD_REQUEST_BYTES, share // block_size * block_size))
 
 
+HELPER_MIN_BYTES = 64 << 20  # missing bytes from which a download's helper takes half
+
+
+def _helper_share(cache: LocalDownloadCache) -> tuple[tuple[int, int], ...]:
+    """The runs (inclusive block indices) of the missing blocks' second half, by count;
+    () when less than HELPER_MIN_BYTES is missing."""
+    bs = cache.block_size
+    clear = list(cache.bitmap.all_clear())
+    if sum(r.size for r in clear) < HELPER_MIN_BYTES:
+        return ()
+    missing: list[tuple[int, int]] = []  # runs of missing blocks
+    for r in clear:
+        block = r.start // bs
+        if missing and missing[-1][1] == block - 1:
+            missing[-1] = (missing[-1][0], block)
+        else:
+            missing.append((block, block))
+    total = sum(last - first + 1 for first, last in missing)
+    skip = total - total // 2
+    share: list[tuple[int, int]] = []
+    for first, last in missing:
+        if skip > last - first:
+            skip -= last - first + 1
+            continue
+        share.append((first + skip, last))
+        skip = 0
+    return tuple(share)
+
+
+class _Share:
+    """This process's view of its cache while a helper fetches ``taken``: those blocks
+    count as cached here, so the fetcher leaves them; the rest goes to the cache (writes,
+    flushes and what the progress shows). Trio thread."""
+
+    def __init__(self, cache: LocalDownloadCache, taken: tuple[tuple[int, int], ...]) -> None:
+        self._cache = cache
+        self.bitmap = ByteRanges.from_bytes(cache.size, cache.block_size,
+                                            cache.bitmap.to_bytes())
+        for first, last in taken:
+            for index in range(first, last + 1):
+                self.bitmap.set_block(index)
+
+    size = property(lambda self: self._cache.size)
+    block_size = property(lambda self: self._cache.block_size)
+    num_blocks = property(lambda self: self._cache.num_blocks)
+    closed = property(lambda self: self._cache.closed)
+    directory = property(lambda self: self._cache.directory)
+
+    def cached_bytes_and_blocks(self) -> tuple[int, int]:
+        return self._cache.cached_bytes_and_blocks()
+
+    def needs_flush(self) -> bool:
+        return self._cache.needs_flush()
+
+    async def flush(self) -> None:
+        await self._cache.flush()
+
+    def complete(self) -> bool:
+        return self.bitmap.complete()
+
+    def write_blocks(self, first: int, parts: Sequence[Buffer]) -> int:
+        count = self._cache.write_blocks(first, parts)
+        for index in range(first, first + -(-sum(len(memoryview(p)) for p in parts)
+                                             // self._cache.block_size)):
+            self.bitmap.set_block(index)
+        return count
+
+
+async def _download_with_helper(cache: LocalDownloadCache, helper: Helper, job: HelperJob,
+                                mine: CachingDownloader) -> DownloadStatus:
+    """Run ``mine`` (on a _Share of ``cache``) while ``helper`` does ``job``, claiming the
+    blocks it reports; both end before this returns. The status: ``mine``'s, its
+    downloaded bytes with the helper's, complete only if ``cache`` is."""
+    helped = 0
+    ours = {block for first, last in job.runs for block in range(first, last + 1)}
+
+    def adopt(first: int, count: int) -> None:
+        nonlocal helped
+        if not all(block in ours for block in range(first, first + count)):
+            raise InternalError(f"the download helper reported blocks {first}..."
+                                f"{first + count - 1}, not all of them in its job")
+        cache.adopt_blocks(first, count)
+        helped += sum(range_for_index(i, cache.size, cache.block_size).size
+                      for i in range(first, first + count))
+
+    code = 0
+    async with trio.open_nursery() as nursery:
+        async def run_helper() -> None:
+            nonlocal code
+            code = await helper.run_job(job, adopt)
+
+        nursery.start_soon(run_helper)
+        status = await mine.run()
+    log.info("%s: the helper process (pid %d) fetched %d bytes and ended with status %d",
+             redact_url(job.url), helper.pid, helped, code)
+    stats = replace(status.stats, downloaded_bytes=status.stats.downloaded_bytes + helped)
+    complete = cache.complete()
+    return replace(status, complete=complete, stats=stats,
+                   error=None if complete else status.error)
+
+
 def partial_dir(dest: Path) -> Path:
     """Where download_file keeps the resumable cache of ``dest``."""
     return dest.with_name(dest.name + ".rangefs-part")
@@ -438,8 +543,12 @@ async def download_file(
     options: DownloadOptions,
     *,
     progress: Callable[[DownloadStats], None] | None = None,
+    helper: Helper | None = None,
 ) -> DownloadResult:
     """Download ``url`` to ``dest``: parallel, resumable, verified.
+
+    ``helper`` (forked by the caller before trio.run; closed here, used or not) fetches
+    half of what is missing in a second process when that is at least HELPER_MIN_BYTES.
 
     The blocks are kept in ``DEST.rangefs-part/`` until the object is complete and its
     digest (given, or the server's) matches; then the data is fsynced and renamed to
@@ -472,20 +581,50 @@ async def download_file(
             if options.from_mounts and not cache.complete():
                 copied = await trio.to_thread.run_sync(copy_from_mounts, url, info, cache)
             streams = options.concurrency or DOWNLOAD_MAX_CONCURRENCY
-            downloader = CachingDownloader(
-                cache,
-                session.reader(url, info, fresh),
-                controller=ConcurrencyController(ConcurrencyPlan(maximum=streams)),
-                request_bytes=download_request_bytes(info.size, options.block_size, streams),
-                limiter=Limiter(bytes_per_second=options.max_rate),
-                backoff=options.backoff,
-                wait_for_completion=True,
-                max_passes=options.max_passes,
-                pass_delay=options.pass_delay,
-                progress=progress,
-            )
-            status = await downloader.run()
+            request_bytes = download_request_bytes(info.size, options.block_size, streams)
+
+            def downloader(on: LocalDownloadCache, most: int, rate: float | None,
+                           ) -> CachingDownloader:
+                return CachingDownloader(
+                    on,
+                    session.reader(url, info, fresh),
+                    controller=ConcurrencyController(ConcurrencyPlan(
+                        initial=min(ConcurrencyPlan.initial, most), maximum=most)),
+                    request_bytes=request_bytes,
+                    limiter=Limiter(bytes_per_second=rate),
+                    backoff=options.backoff,
+                    wait_for_completion=True,
+                    max_passes=options.max_passes,
+                    pass_delay=options.pass_delay,
+                    progress=progress,
+                )
+
+            taken = _helper_share(cache) if helper is not None and streams >= 2 else ()
+            if helper is None or not taken:
+                status = await downloader(cache, streams, options.max_rate).run()
+            else:
+                # the helper fetches ``taken``, this process the rest; then this process
+                # fetches whatever is left (what a failed or slow-to-fail helper did not do)
+                from .helper import HelperJob  # (helper.py imports this module)
+
+                half = None if options.max_rate is None else options.max_rate / 2
+                job = HelperJob(url=url, info=info, data=part / "data",
+                                block_size=options.block_size, runs=taken,
+                                streams=streams // 2, request_bytes=request_bytes,
+                                max_rate=half)
+                # (a _Share is the part of a cache that CachingDownloader uses)
+                share = cast(LocalDownloadCache, _Share(cache, taken))
+                mine = downloader(share, streams - streams // 2, half)
+                status = await _download_with_helper(cache, helper, job, mine)
+                if not cache.complete():
+                    rest = await downloader(cache, streams, options.max_rate).run()
+                    status = replace(rest, stats=replace(
+                        rest.stats, found_cached_bytes=status.stats.found_cached_bytes,
+                        downloaded_bytes=(rest.stats.downloaded_bytes
+                                          + status.stats.downloaded_bytes)))
         finally:
+            if helper is not None:
+                helper.close()
             cache.close()
     if not status.complete:
         assert status.error is not None
