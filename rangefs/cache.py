@@ -430,11 +430,7 @@ class LocalDownloadCache:
                 raise _os_error(f"writing block {index} of {self._directory}", exc) from exc
             self._bitmap.set_block(index)
         self._written(length)
-        if self._dirty == 0:
-            self._dirty_since = _now()
-        self._dirty += 1
-        if self.stored_listener is not None:
-            self.stored_listener(index, 1)
+        self._stored(index, 1, 1)
 
     def write_blocks(self, first: int, parts: Sequence[Buffer]) -> int:
         """Store consecutive whole blocks from block ``first`` on: their bytes are the
@@ -481,11 +477,7 @@ class LocalDownloadCache:
             for index in range(first, first + count):
                 bitmap.set_block(index)
         self._written(length)
-        if self._dirty == 0:
-            self._dirty_since = _now()
-        self._dirty += count
-        if self.stored_listener is not None:
-            self.stored_listener(first, count)
+        self._stored(first, count, count)
         return count
 
     def adopt_blocks(self, first: int, count: int) -> int:
@@ -507,12 +499,17 @@ class LocalDownloadCache:
                 if self._bitmap.set_block(index):
                     added += 1
         if added:
-            if self._dirty == 0:
-                self._dirty_since = _now()
-            self._dirty += added
-            if self.stored_listener is not None:
-                self.stored_listener(first, count)
+            self._stored(first, count, added)
         return added
+
+    def _stored(self, first: int, count: int, added: int) -> None:
+        """Bookkeeping after blocks ``first..first+count-1`` were stored, ``added`` of them
+        newly set: the next flush claims them; the listener hears of them."""
+        if self._dirty == 0:
+            self._dirty_since = _now()
+        self._dirty += added
+        if self.stored_listener is not None:
+            self.stored_listener(first, count)
 
     def _written(self, length: int) -> None:
         """Count ``length`` bytes just written; past ``write_behind``, start their writeback

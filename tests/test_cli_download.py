@@ -81,7 +81,7 @@ def test_existing_dest_is_a_usage_error(origin: FaultServer, tmp_path: Path) -> 
     check("/a", 0, (tmp_path / "a").read_bytes())
 
 
-def _claims_a_block(directory: Path) -> bool:
+def claims_a_block(directory: Path) -> bool:
     """True once the index in ``directory`` claims a block (False before its first flush)."""
     try:
         _, bitmap = read_index(directory / "index")
@@ -101,7 +101,7 @@ def test_kill_9_then_rerun_resumes(origin: FaultServer, tmp_path: Path) -> None:
     deadline = time.monotonic() + 60  # a hang guard
     # a third sent, and the index on disk claims some of it: a kill now leaves a resumable
     # download (the rate limit keeps it from finishing meanwhile)
-    while origin.bytes_sent("/big") < size // 3 or not _claims_a_block(partial_dir(dest)):
+    while origin.bytes_sent("/big") < size // 3 or not claims_a_block(partial_dir(dest)):
         assert time.monotonic() < deadline and proc.poll() is None, origin.bytes_sent("/big")
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -133,7 +133,7 @@ def test_ctrl_c_exits_130_without_a_traceback_and_a_rerun_resumes(
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.monotonic() + 60  # a hang guard
-    while origin.bytes_sent("/big") < size // 4 or not _claims_a_block(partial_dir(dest)):
+    while origin.bytes_sent("/big") < size // 4 or not claims_a_block(partial_dir(dest)):
         assert time.monotonic() < deadline and proc.poll() is None, origin.bytes_sent("/big")
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from rangefs.cachefiles import read_index
 from rangefs.download import HELPER_MIN_BYTES, partial_dir
 from tests.content import check
 from tests.faultserver import FaultServer
+from tests.test_cli_download import claims_a_block
 
 RANGEFS = [sys.executable, "-m", "rangefs.cli"]
 MiB = 1 << 20
@@ -38,14 +38,6 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
     return state != "Z"
-
-
-def _claims_a_block(directory: Path) -> bool:
-    try:
-        _, bitmap = read_index(directory / "index")
-    except FileNotFoundError:
-        return False
-    return any(bitmap)
 
 
 def _wait(condition: object, what: str, limit: float = 30) -> None:
@@ -116,7 +108,7 @@ def test_the_helper_dies_with_its_parent_and_a_rerun_resumes(origin: FaultServer
                                                             tmp_path: Path) -> None:
     proc, dest, args, size = _slow_download(origin, tmp_path)
     (helper,) = _children(proc.pid)
-    _wait(lambda: _claims_a_block(partial_dir(dest)), "the index claimed nothing")
+    _wait(lambda: claims_a_block(partial_dir(dest)), "the index claimed nothing")
     proc.kill()
     proc.wait()
     _wait(lambda: not _alive(helper), "the helper outlived its parent")
