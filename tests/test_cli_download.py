@@ -17,6 +17,12 @@ from tests.content import check, sha256_of
 from tests.faultserver import FaultServer
 
 RANGEFS = [sys.executable, "-m", "rangefs.cli"]
+# rangefs as started from a terminal, where Ctrl-C interrupts it: a process started in the
+# background by a non-interactive shell (a CI runner's) inherits SIGINT ignored, and then
+# Python leaves it ignored
+AT_A_TERMINAL = [sys.executable, "-c",
+                 "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)"
+                 "; from rangefs.cli import main; sys.argv[0] = 'rangefs'; main()"]
 
 
 def rangefs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
@@ -128,7 +134,7 @@ def test_ctrl_c_exits_130_without_a_traceback_and_a_rerun_resumes(
     origin.add("/big", size)
     origin.delay = 0.02
     dest = tmp_path / "big"
-    args = [*RANGEFS, "download", "--block-size", "256K", "--max-rate", "16M",
+    args = [*AT_A_TERMINAL, "download", "--block-size", "256K", "--max-rate", "16M",
             origin.url("/big"), str(dest)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)

@@ -16,7 +16,7 @@ import pytest
 from rangefs.download import HELPER_MIN_BYTES, partial_dir
 from tests.content import check
 from tests.faultserver import FaultServer
-from tests.test_cli_download import claims_a_block
+from tests.test_cli_download import AT_A_TERMINAL, claims_a_block
 
 RANGEFS = [sys.executable, "-m", "rangefs.cli"]
 MiB = 1 << 20
@@ -82,7 +82,7 @@ def _slow_download(origin: FaultServer, tmp_path: Path) -> tuple[subprocess.Pope
     origin.add("/big", size)
     origin.delay = 0.02
     dest = tmp_path / "big"
-    args = [*RANGEFS, "download", "-v", "--block-size", "256K", "--max-rate", "24M",
+    args = [*AT_A_TERMINAL, "download", "-v", "--block-size", "256K", "--max-rate", "24M",
             origin.url("/big"), str(dest)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
