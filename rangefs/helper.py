@@ -114,14 +114,17 @@ class Helper:
 
     async def run_job(self, job: HelperJob, on_written: Callable[[int, int], None]) -> int:
         """Send ``job``; call ``on_written(first block, count)`` for every run the helper
-        reports, until it exits; return its exit status (0: the whole job written). An
-        exception of ``on_written``, or cancellation, stops the helper (SIGTERM) and reaps
-        it. Once."""
+        reports, until it exits; return its exit status (0: the whole job written; a
+        helper already gone when the job is sent has its own status, or 1). An exception
+        of ``on_written``, or cancellation, stops the helper (SIGTERM) and reaps it. Once."""
         try:
             data = pickle.dumps(job)
             async with trio.lowlevel.FdStream(self._job_fd) as out:
                 self._job_fd = -1
-                await out.send_all(data)
+                try:
+                    await out.send_all(data)
+                except trio.BrokenResourceError:  # it died before reading its job
+                    log.info("the download helper (pid %d) is gone", self.pid)
             async with trio.lowlevel.FdStream(self._report_fd) as reports:
                 self._report_fd = -1
                 pending = b""

@@ -150,3 +150,26 @@ def test_the_helper_takes_the_second_half_of_what_is_missing(tmp_path: Path) -> 
         for index in range(10, 30):
             cache.write_block(index, bytes(bs))
         assert _helper_share(cache) == ()  # 45 MiB missing: below HELPER_MIN_BYTES
+
+
+def test_a_helper_gone_before_its_job_is_a_status_not_an_error(tmp_path: Path) -> None:
+    """A helper that died before reading its job (killed, out of memory): run_job returns
+    its status, so the parent fetches everything itself."""
+    import trio
+
+    from rangefs.download import DownloadOptions
+    from rangefs.helper import Helper, HelperJob
+    from rangefs.source import RemoteInfo
+
+    helper = Helper.fork(DownloadOptions())
+    assert helper is not None, "this test needs 2 CPUs (as CI has)"
+    os.kill(helper.pid, signal.SIGKILL)
+    _wait(lambda: not _alive(helper.pid), "the helper did not die")
+    info = RemoteInfo(url="http://127.0.0.1:1/x", size=MiB, etag='"1"', last_modified=None,
+                      mtime=None, accept_ranges=True, digest=None)
+    job = HelperJob(url=info.url, info=info, data=tmp_path / "data", block_size=MiB,
+                    runs=((0, 0),), streams=1, request_bytes=MiB, max_rate=None)
+    written: list[tuple[int, int]] = []
+    status = trio.run(helper.run_job, job, lambda first, count: written.append((first, count)))
+    assert status == -signal.SIGKILL and written == [] and helper.exit_status == status
+    helper.close()  # idempotent
