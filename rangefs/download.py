@@ -437,17 +437,15 @@ HELPER_MIN_BYTES = 64 << 20  # missing bytes from which a download's helper take
 def _helper_share(cache: LocalDownloadCache) -> tuple[tuple[int, int], ...]:
     """The runs (inclusive block indices) of the missing blocks' second half, by count;
     () when less than HELPER_MIN_BYTES is missing."""
-    bs = cache.block_size
-    clear = list(cache.bitmap.all_clear())
-    if sum(r.size for r in clear) < HELPER_MIN_BYTES:
+    bitmap = cache.bitmap
+    if cache.size - bitmap.cached_bytes() < HELPER_MIN_BYTES:
         return ()
     missing: list[tuple[int, int]] = []  # runs of missing blocks
-    for r in clear:
-        block = r.start // bs
-        if missing and missing[-1][1] == block - 1:
-            missing[-1] = (missing[-1][0], block)
-        else:
-            missing.append((block, block))
+    block = bitmap.first_clear(0)
+    while block is not None:
+        end = bitmap.first_set(block)
+        missing.append((block, (cache.num_blocks if end is None else end) - 1))
+        block = None if end is None else bitmap.first_clear(end)
     total = sum(last - first + 1 for first, last in missing)
     skip = total - total // 2
     share: list[tuple[int, int]] = []

@@ -221,12 +221,11 @@ class _Sink:
         self.block_size = job.block_size
         self.bitmap = ByteRanges(self.size, self.block_size)
         self.num_blocks = self.bitmap.num_blocks
-        todo: set[int] = set()
-        for first, last in job.runs:
-            todo.update(range(first, last + 1))
-        for index in range(self.num_blocks):
-            if index not in todo:
+        after = 0  # every block outside the job's runs counts as done
+        for first, last in (*job.runs, (self.num_blocks, self.num_blocks)):
+            for index in range(after, first):
                 self.bitmap.set_block(index)
+            after = last + 1
         self.directory = job.data.parent
         self.closed = False
         self._fd = open_data_file(job.data)
