@@ -935,25 +935,70 @@ def _describe(identity: ObjectIdentity) -> str:
 
 
 def _lock_directory(directory: Path) -> int:
+    """Open and lock ``directory``'s lock file: its descriptor. The lock is the file the
+    path names once locked (a lock taken on a file that :func:`remove_unused` unlinked
+    in between is dropped and taken again on the new one)."""
     path = directory / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except OSError as exc:
-        raise errors.InternalError(f"cannot open lock file {path}: {exc}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
+    for _ in range(8):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise errors.InternalError(f"cannot open lock file {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise errors.CacheLocked(
+                f"{directory} is already open (in this or another process)"
+            ) from exc
+        except OSError as exc:
+            os.close(fd)
+            raise errors.InternalError(f"cannot lock {path}: {exc}") from exc
+        if _same_file(fd, path):
+            break
         os.close(fd)
-        raise errors.CacheLocked(
-            f"{directory} is already open (in this or another process)"
-        ) from exc
-    except OSError as exc:
-        os.close(fd)
-        raise errors.InternalError(f"cannot lock {path}: {exc}") from exc
+    else:
+        raise errors.CacheLocked(f"{directory} is being removed by another process")
     with contextlib.suppress(OSError):  # who holds it: other processes read through it
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def remove_unused(directory: Path) -> bool:
+    """Remove ``directory`` if it holds nothing but its lock file and no process holds the
+    lock: what a download refused before its first write (no space, a failed probe)
+    leaves. True if it is gone. Blocking; never raises for OS errors (False)."""
+    path = directory / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        fd = -1  # no lock file: rmdir below removes only an empty directory
+    except OSError:
+        return False
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _same_file(fd, path) or os.listdir(directory) != [LOCK_NAME]:
+                return False
+            os.unlink(path)  # under the lock: a process that opened it re-opens (above)
+        os.rmdir(directory)
+        return True
+    except OSError:
+        return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def lock_holder(directory: Path) -> int | None:

@@ -32,6 +32,7 @@ import trio
 
 from . import mountopts, service
 from .budget import DEFAULT_MIN_FREE, EXTENT_BYTES, MinFree
+from .cache import remove_unused
 from .clictl import evict_command, prefetch_command, refresh_command, status_command
 from .digests import parse_digest
 from .download import DownloadOptions, DownloadStats, cat_url, download_file, partial_dir
@@ -852,9 +853,8 @@ def download_command(url: str, dest: Path | None, force: bool, progress: bool | 
         result = _run_job(functools.partial(download_file, url, dest, options, progress=line,
                                             helper=second))
     except SystemExit:
-        if created:  # nothing to resume from: leave nothing behind
-            with contextlib.suppress(OSError):
-                os.rmdir(partial_dir(dest))
+        if created:  # refused before its first write: leave nothing behind
+            remove_unused(partial_dir(dest))
         raise
     finally:
         if second is not None:

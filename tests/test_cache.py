@@ -133,6 +133,44 @@ def test_open_not_enough_space_writes_nothing(obj_dir: Path) -> None:
     with pytest.raises(errors.NotEnoughSpace):
         LocalDownloadCache.open(obj_dir, ident(10**15, 1 << 20))
     assert sorted(p.name for p in obj_dir.iterdir()) == ["lock"]
+    assert cache_mod.remove_unused(obj_dir)
+    assert not obj_dir.exists()
+    assert cache_mod.remove_unused(obj_dir) is False  # gone: nothing to remove
+
+
+def test_remove_unused_keeps_a_directory_in_use_or_with_blocks(obj_dir: Path) -> None:
+    identity = ident(100, 10)
+    c = LocalDownloadCache.open(obj_dir, identity)
+    assert not cache_mod.remove_unused(obj_dir)  # its lock is held
+    c.close()
+    assert not cache_mod.remove_unused(obj_dir)  # it holds data and an index
+    assert sorted(p.name for p in obj_dir.iterdir()) == ["data", "index", "lock"]
+    LocalDownloadCache.open(obj_dir, identity).close()
+
+
+def test_a_lock_taken_on_a_removed_lock_file_is_taken_again(
+    obj_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that opened the lock file just before remove_unused unlinked it must not
+    hold a lock on the unlinked file (a third process would lock the new one)."""
+    obj_dir.mkdir(mode=0o700, parents=True)
+    (obj_dir / "lock").touch(mode=0o600)
+    real_flock = cache_mod.fcntl.flock
+    calls = []
+
+    def flock_after_a_removal(fd: int, op: int) -> None:
+        if not calls:  # between this open and its lock, another process removes the file
+            os.unlink(obj_dir / "lock")
+            (obj_dir / "lock").touch(mode=0o600)
+        calls.append(fd)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(cache_mod.fcntl, "flock", flock_after_a_removal)
+    with LocalDownloadCache.open(obj_dir, ident(100, 10)) as c:
+        held = os.fstat(c._lock_fd)
+        named = os.stat(obj_dir / "lock")
+        assert (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+    assert len(calls) == 2
     LocalDownloadCache.open(obj_dir, ident(100, 10)).close()  # the lock was released
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,18 @@ def test_missing_object_exits_1_with_one_line(origin: FaultServer, tmp_path: Pat
     line = result.stderr.decode()
     assert line.startswith("rangefs: ") and line.count("\n") == 1 and "404" in line
     assert "SECRET" not in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_object_larger_than_the_disk_is_refused_and_leaves_nothing(
+    origin: FaultServer, tmp_path: Path
+) -> None:
+    origin.add("/huge", shutil.disk_usage(tmp_path).free + (1 << 40))
+    result = rangefs("download", origin.url("/huge"), str(tmp_path / "huge"))
+    assert result.returncode == 1
+    line = result.stderr.decode()
+    assert line.startswith("rangefs: ") and line.count("\n") == 1 and "space" in line, line
+    assert os.listdir(tmp_path) == []  # no DEST.rangefs-part/ with a lock file in it
 
 
 def test_existing_dest_is_a_usage_error(origin: FaultServer, tmp_path: Path) -> None:
