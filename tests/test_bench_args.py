@@ -1,18 +1,24 @@
 """The benchmark's command line: only the full default run replaces the README's table;
-the rangefs-metrics variant's scraper (issue 18)."""
+the rangefs-metrics variant's scraper (issue 18); the ceiling tool's file system."""
 
 from __future__ import annotations
 
 import http.server
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tests.bench.__main__ import RESULTS, parse_args
 from tests.bench.peers import DEFAULT_PEERS, PEERS, Scraper, free_port
 from tests.bench.scenarios import SUPPORTS
+from tests.bench.system import unmount, wait_mounted
+from tests.content import content
 
 
 def test_the_full_default_run_writes_latest(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,3 +160,22 @@ def test_a_failed_scrape_is_kept_and_stops_the_scraper() -> None:
     _wait_for(lambda: closed.failure is not None)
     closed.stop()
     assert closed.scrapes == 0 and closed.failure is not None
+
+
+def test_the_ceilings_minimal_file_system_serves_its_file_exactly(tmp_path: Path) -> None:
+    """``tests.bench.fuseceiling``'s least-work pyfuse3 server, mounted for real: what it
+    measures must be a read of the right bytes."""
+    source, mountpoint = tmp_path / "object", tmp_path / "mnt"
+    source.write_bytes(content("ceiling", 0, 3 << 20) + b"tail")
+    mountpoint.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from tests.bench.fuseceiling import serve; "
+         f"serve({str(source)!r}, {str(mountpoint)!r})"],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert wait_mounted(mountpoint, proc, 30), proc.stderr.read() if proc.stderr else ""
+        assert os.listdir(mountpoint) == ["f"]
+        assert (mountpoint / "f").read_bytes() == source.read_bytes()
+    finally:
+        unmount(mountpoint, proc)
+    assert proc.returncode == 0
