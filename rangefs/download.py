@@ -26,6 +26,7 @@ from .digests import Digest, Hasher, hash_file
 from .errors import (
     DigestMismatch,
     InternalError,
+    NotEnoughSpace,
     RangefsError,
     RemoteChanged,
     RetriesExhausted,
@@ -572,7 +573,11 @@ async def download_file(
             url=name, size=info.size, block_size=options.block_size,
             etag=info.etag, last_modified=info.last_modified,
         )
-        cache = LocalDownloadCache.open(part, identity, flush_interval=FLUSH_INTERVAL)
+        try:
+            cache = LocalDownloadCache.open(part, identity, flush_interval=FLUSH_INTERVAL)
+        except NotEnoughSpace as exc:
+            raise NotEnoughSpace(f"{exc}; free some space there or give a DEST on a larger "
+                                 "file system") from exc
         cache.write_behind = WRITE_BEHIND_BYTES
         try:
             copied = 0
