@@ -42,11 +42,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .origin import Origin, _write_content
-from .system import drop_page_cache, unmount, wait_mounted
+from .system import daemon_cpu_seconds, drop_page_cache, unmount, wait_mounted
 
 RANGEFS = Path(sys.executable).parent / "rangefs"
 READ_AHEAD_KB = 1024  # as rangefs sets its mounts'
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def serve(source: str, mountpoint: str) -> None:
@@ -101,11 +100,6 @@ def serve(source: str, mountpoint: str) -> None:
     trio.run(run)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
 def _raise_read_ahead(mountpoint: Path) -> None:
     dev = os.stat(mountpoint).st_dev
     path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
@@ -123,11 +117,11 @@ def _drop_file_pages(path: Path) -> None:
 def _cat(path: Path, pid: int | None) -> tuple[float, float | None]:
     """Read ``path`` with cat: (MiB/s, CPU seconds per GiB of the daemon ``pid``)."""
     size = path.stat().st_size
-    before = _cpu_seconds(pid) if pid else 0.0
+    before = daemon_cpu_seconds(pid) if pid else 0.0
     start = time.perf_counter()
     subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True, timeout=600)
     seconds = time.perf_counter() - start
-    cpu = (_cpu_seconds(pid) - before) / (size / (1 << 30)) if pid else None
+    cpu = (daemon_cpu_seconds(pid) - before) / (size / (1 << 30)) if pid else None
     return size / (1 << 20) / seconds, cpu
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from tests.content import iter_content
 
 from .origin import Origin
-from .system import drop_page_cache, unmount, wait_mounted
+from .system import daemon_cpu_seconds, drop_page_cache, unmount, wait_mounted
 
 SIZE = 256 << 20
 PAGE = 4096
@@ -87,11 +87,6 @@ class Result:
     reads: int
     cpu: float
     complete: bool
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -139,7 +134,7 @@ def _measure(kind: str, origin: Origin, urls: Path, work: Path, tag: str, code: 
     with _mount(urls, work, tag, code, extra) as (mnt, proc):
         drop_page_cache()
         mark = origin.mark()
-        cpu0 = _cpu_seconds(proc.pid)
+        cpu0 = daemon_cpu_seconds(proc.pid)
         path = str(mnt / "obj.bin")
         if kind == "cp":
             started = time.monotonic()
@@ -158,7 +153,7 @@ def _measure(kind: str, origin: Origin, urls: Path, work: Path, tag: str, code: 
                 raise SystemExit(f"{tag}: wrong bytes: sum {total_text}, expected {expected}")
         traffic = origin.sent_since(mark, hold=1.0)  # a fill may still be running
         reads, complete = _status(mnt, code)
-        cpu = _cpu_seconds(proc.pid) - cpu0
+        cpu = daemon_cpu_seconds(proc.pid) - cpu0
     return Result(seconds, traffic.requests, traffic.bytes_sent / (1 << 20), reads, cpu,
                   complete)
 

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .system import log, peak_rss_kib, unmount, wait_mounted
+from .system import cpu_seconds, log, peak_rss_kib, unmount, wait_mounted
 
 ROOT = Path(__file__).resolve().parents[2]
 RANGEFS = Path(sys.executable).parent / "rangefs"
@@ -105,12 +105,7 @@ class Mounted:
 
     def cpu_seconds(self) -> float | None:
         """user + system CPU time of the daemon so far (all threads)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        return cpu_seconds(self.proc.pid)
 
 
 SCRAPE_INTERVAL_S = 1.0

@@ -180,6 +180,23 @@ def peak_rss_kib(pid: int) -> int | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """user + system CPU seconds of ``pid`` so far (all its threads), or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_cpu_seconds(pid: int) -> float:
+    """:func:`cpu_seconds` of a daemon being measured; RuntimeError if it is gone."""
+    seconds = cpu_seconds(pid)
+    if seconds is None:
+        raise RuntimeError(f"the daemon (pid {pid}) is gone")
+    return seconds
+
+
 # -- FUSE mounts -------------------------------------------------------------------------
 
 
