@@ -1,7 +1,8 @@
 """Start and stop the test rigs' servers (nginx, tinyproxy): one process in its own
 session, ready when the server says so, stopped with SIGTERM and, if stuck, SIGKILL to its
-whole session; a free port found by trying; nginx's common configuration and start.
-Used by tests/tlsrig.py, tests/tierrig.py, tests/proxyrig.py and tests/bench/httpcpu.py."""
+whole session; a free port found by trying; nginx's common configuration and start;
+whether a process is alive. Used by tests/tlsrig.py, tests/tierrig.py, tests/proxyrig.py,
+tests/bench/httpcpu.py and the tests that watch rangefs's processes end."""
 
 from __future__ import annotations
 
@@ -110,6 +111,15 @@ class NginxLogs:
             return self.error_log.read_text(errors="replace").splitlines()
         except FileNotFoundError:
             return []
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def free_port() -> int:

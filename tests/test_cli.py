@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from rangefs import cli
 from rangefs.errors import UsageError
+from tests.daemons import alive
 from tests.mountutil import (
     is_mounted,
     mounted,
@@ -304,18 +305,10 @@ def test_good_options_are_accepted(tmp_path: Path, mnt: Path) -> None:
 def _wait_gone(pids: list[int], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in pids):
+        if not any(os.path.exists(f"/proc/{pid}") and alive(pid) for pid in pids):
             return
         time.sleep(0.05)
     pytest.fail(f"daemon {pids} still running")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def test_daemon_mode_returns_0_once_mounted(tmp_path: Path, mnt: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from rangefs.download import HELPER_MIN_BYTES, partial_dir
 from tests.content import check
+from tests.daemons import alive
 from tests.faultserver import FaultServer
 from tests.test_cli_download import AT_A_TERMINAL, claims_a_block
 
@@ -30,14 +31,6 @@ def _children(pid: int) -> list[int]:
     except FileNotFoundError:
         return []
     return [int(p) for p in text.split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _wait(condition: object, what: str, limit: float = 30) -> None:
@@ -58,7 +51,7 @@ def test_the_helper_fetches_its_half_exactly(origin: FaultServer, tmp_path: Path
     found = HELPED.search(done.stderr)
     assert found is not None, done.stderr
     pid, helped, status = (int(g) for g in found.groups())
-    assert status == 0 and 0 < helped < size and not _alive(pid)
+    assert status == 0 and 0 < helped < size and not alive(pid)
     assert origin.bytes_sent("/big") <= size + 2 * MiB  # nothing fetched twice but retries
     assert os.listdir(tmp_path) == ["big"]
 
@@ -111,7 +104,7 @@ def test_the_helper_dies_with_its_parent_and_a_rerun_resumes(origin: FaultServer
     _wait(lambda: claims_a_block(partial_dir(dest)), "the index claimed nothing")
     proc.kill()
     proc.wait()
-    _wait(lambda: not _alive(helper), "the helper outlived its parent")
+    _wait(lambda: not alive(helper), "the helper outlived its parent")
     assert not dest.exists() and partial_dir(dest).exists()
     origin.delay = 0
     origin.reset_log()
@@ -128,7 +121,7 @@ def test_ctrl_c_stops_both(origin: FaultServer, tmp_path: Path) -> None:
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole process group
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    _wait(lambda: not _alive(helper), "the helper outlived Ctrl-C")
+    _wait(lambda: not alive(helper), "the helper outlived Ctrl-C")
     assert not dest.exists() and partial_dir(dest).exists()
 
 
@@ -164,7 +157,7 @@ def test_a_helper_gone_before_its_job_is_a_status_not_an_error(tmp_path: Path) -
     helper = Helper.fork(DownloadOptions())
     assert helper is not None, "this test needs 2 CPUs (as CI has)"
     os.kill(helper.pid, signal.SIGKILL)
-    _wait(lambda: not _alive(helper.pid), "the helper did not die")
+    _wait(lambda: not alive(helper.pid), "the helper did not die")
     info = RemoteInfo(url="http://127.0.0.1:1/x", size=MiB, etag='"1"', last_modified=None,
                       mtime=None, accept_ranges=True, digest=None)
     job = HelperJob(url=info.url, info=info, data=tmp_path / "data", block_size=MiB,
